@@ -221,15 +221,26 @@ class ConversionPlan:
     abstract: nested dict of `jax.ShapeDtypeStruct` (the model's parameter state).
     key_map: torch key -> (flax path, layer index or None), or None to ignore the key.
     stacked_len: leading-axis length of leaves filled per layer (number of scanned blocks).
+    tied: {alias key: canonical key} for one tensor that a checkpoint may store under either
+      name or both (tied weights). When both are present the alias is skipped (its shape must
+      match); when only the alias is present it is mapped like any other key.
   """
 
   def __init__(self, reader: SafetensorsFolder, abstract: Mapping[str, Any], key_map: KeyMap,
-               *, stacked_len: int | None = None):
+               *, stacked_len: int | None = None, tied: Mapping[str, str] | None = None):
     self.reader = reader
     self.targets = _flatten(abstract)
     self.sources: dict[FlaxPath, dict[int | None, str]] = {p: {} for p in self.targets}
+    tied = dict(tied or {})
     unexpected = []
     for key in reader.keys():
+      canonical = tied.get(key)
+      if canonical is not None and canonical in reader:
+        if reader.info(key)[1] != reader.info(canonical)[1]:
+          raise CheckpointError(
+              f"{reader.folder}: tied tensors {key!r} {reader.info(key)[1]} and {canonical!r} "
+              f"{reader.info(canonical)[1]} differ in shape")
+        continue
       mapped = key_map(key)
       if mapped is None:
         continue
@@ -345,6 +356,12 @@ def load_params(path: str, abstract: Mapping[str, Any] | None = None) -> dict[st
            for p in want if tuple(have[p].shape) != tuple(want[p].shape)]
     if bad:
       raise CheckpointError(f"{path}: shape mismatch {bad[:10]}")
+  if abstract is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=default), abstract)
   try:
     return ocp.load(path, abstract) if abstract is not None else ocp.load(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -380,6 +397,11 @@ class ModelSpec:
   def stacked_len(self, config: Any) -> int | None:
     return None
 
+  def tied_keys(self, config: Any) -> Mapping[str, str]:
+    """{alias torch key: canonical torch key} of tied tensors (see `ConversionPlan`)."""
+    del config
+    return {}
+
   def read_config(self, folder: str):
     return self.config_cls.from_json(os.path.join(folder, self.config_cls.CONFIG_NAME))
 
@@ -396,13 +418,16 @@ def _resolve_dtype(dtype: Any):
   return jnp.dtype(jnp.float32 if dtype is None else dtype)
 
 
-def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None):
+def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
+               device: Any = None):
   """Loads a component from a diffusers/transformers folder or our Orbax export.
 
   Args:
     spec: the component's `ModelSpec`.
     path: folder with `config.json` and either safetensors or `params/` (Orbax).
     dtype: parameter dtype (None -> float32); fp32-kept parameters stay float32.
+    device: optional `jax.Device` the parameters are placed on (e.g. `jax.devices("cpu")[0]`
+      to keep a component off the accelerator); None -> JAX's default device.
 
   Returns:
     (config, nnx module with the loaded parameters).
@@ -416,13 +441,15 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None):
   dtype = _resolve_dtype(dtype)
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: spec.build(config, dtype)))
   flat = _flatten(nnx.to_pure_dict(abstract_state))
-  want = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in flat.items()}
+  sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
+  want = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for p, v in flat.items()}
   if is_orbax_export(path):
     params = load_params(os.path.join(path, PARAMS_DIR), _unflatten(want))
   elif is_safetensors_folder(path):
     plan = ConversionPlan(SafetensorsFolder(path), _unflatten(flat), spec.key_map(config),
-                          stacked_len=spec.stacked_len(config))
-    params = _unflatten({p: jax.device_put(plan.load_leaf(p, want[p].dtype)) for p in flat})
+                          stacked_len=spec.stacked_len(config), tied=spec.tied_keys(config))
+    params = _unflatten({p: jax.device_put(plan.load_leaf(p, want[p].dtype), device)
+                         for p in flat})
   else:
     raise CheckpointError(f"{path}: neither safetensors weights nor an Orbax '{PARAMS_DIR}/' found")
   nnx.replace_by_pure_dict(abstract_state, params)
@@ -430,7 +457,7 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None):
 
 
 def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike,
-                 dtype: Any = None, *, progress: bool = True) -> None:
+                 dtype: Any = None, *, progress: bool = True, overwrite: bool = False) -> None:
   """Converts a safetensors component folder to `dst/config.json` + `dst/params/` (Orbax).
 
   Streams one parameter leaf (all its stacked layers) at a time. `dst` must not exist and is
@@ -441,12 +468,12 @@ def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike
   dtype = _resolve_dtype(dtype)
   _, abstract = spec.abstract(config, dtype)
   plan = ConversionPlan(SafetensorsFolder(src), abstract, spec.key_map(config),
-                        stacked_len=spec.stacked_len(config))
+                        stacked_len=spec.stacked_len(config), tied=spec.tied_keys(config))
   paths = plan.leaf_paths()
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     paths = tqdm(paths, desc=f"convert {spec.name}", unit="tensor")
-  with atomic_directory(dst) as tmp:
+  with atomic_directory(dst, overwrite=overwrite) as tmp:
     with open(os.path.join(src, spec.config_cls.CONFIG_NAME)) as f:
       raw_config = json.load(f)
     with open(os.path.join(tmp, spec.config_cls.CONFIG_NAME), "w") as f:

@@ -1,0 +1,39 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast venv test-deps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+test-deps: $(VENV)/.test-installed
+
+# Runs the main job on the embedded tiny default model (no download needed).
+demo: venv
+	$(BIN)/python -m helios_jax.demo
+
+# Whole test suite (pytest exit code 5 = "no tests collected" is not a failure).
+test: test-deps
+	$(BIN)/python -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test-fast: test-deps
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+bench: test-deps
+	$(BIN)/python bench/dit_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,487 @@
+"""The Helios DiT (`HeliosTransformer3DModel`) in Flax NNX.
+
+Spec: architecture.md §2-§5. Forward, in order: patchify the noisy window, embed the three
+history groups (Multi-Term Memory Patchification, `memory.py`), assemble the sequence
+[long | mid | short | noisy], build 3D RoPE tables (`rope.py`), timestep embeddings (t for noisy
+tokens, t = 0 for history tokens when `zero_history_timestep`), run the scanned blocks
+(self-attention over all tokens, guidance cross-attention on noisy tokens only, FFN), output
+norm + projection on the noisy tokens, unpatchify. The output is a flow-matching velocity.
+
+Public entry points: `load_transformer(path, dtype)` -> `HeliosTransformer` (a callable with the
+diffusers argument names and channel-first shapes), and the pure `transformer_forward(graphdef,
+params, inputs)` it jits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from helios_jax import checkpoint
+from helios_jax.config import HeliosTransformerConfig
+from helios_jax.models import layers
+from helios_jax.models import memory
+from helios_jax.models import rope as rope_lib
+from helios_jax.models.attention import HeliosAttention
+
+F32 = jnp.float32
+
+# Parameters kept in fp32 whatever the model dtype (diffusers `_keep_in_fp32_modules`).
+FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
+                "history_key_scale")
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def _table_init(rngs: nnx.Rngs, shape, dim):
+  return jax.random.normal(rngs.params(), shape, F32) / math.sqrt(dim)
+
+
+class TimestepEmbedding(nnx.Module):
+  """linear_1 -> SiLU -> linear_2 (fp32-kept)."""
+
+  def __init__(self, in_dim: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.linear_1 = layers.Linear(in_dim, dim, dtype=dtype, rngs=rngs)
+    self.linear_2 = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TextProjection(nnx.Module):
+  """PixArtAlphaTextProjection: linear_1 -> GELU(tanh) -> linear_2."""
+
+  def __init__(self, in_dim: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.linear_1 = layers.Linear(in_dim, dim, dtype=dtype, rngs=rngs)
+    self.linear_2 = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear_2(layers.gelu_tanh(self.linear_1(x)))
+
+
+class ConditionEmbedder(nnx.Module):
+  """Timestep sinusoid + MLP (fp32) -> temb; SiLU + time_proj -> 6 modulation rows; text MLP."""
+
+  def __init__(self, cfg: HeliosTransformerConfig, *, dtype, rngs: nnx.Rngs):
+    d = cfg.inner_dim
+    self.freq_dim = cfg.freq_dim
+    self.dtype = dtype
+    self.time_embedder = TimestepEmbedding(cfg.freq_dim, d, dtype=F32, rngs=rngs)
+    self.time_proj = layers.Linear(d, 6 * d, dtype=dtype, rngs=rngs)
+    self.text_embedder = TextProjection(cfg.text_dim, d, dtype=dtype, rngs=rngs)
+
+  def time(self, t: jax.Array):
+    """`t` `[B]` -> temb `[B, D]` (model dtype), timestep_proj `[B, 6, D]` (model dtype)."""
+    temb = self.time_embedder(layers.timestep_sinusoid(t, self.freq_dim)).astype(self.dtype)
+    tp = self.time_proj(jax.nn.silu(temb.astype(F32)).astype(self.dtype))
+    return temb, tp.reshape(tp.shape[0], 6, -1)
+
+
+class FeedForward(nnx.Module):
+  """diffusers FeedForward(gelu-approximate): proj_in (net.0.proj) -> GELU tanh -> proj_out (net.2)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.proj_in = layers.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.proj_out = layers.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.proj_out(layers.gelu_tanh(self.proj_in(x)))
+
+
+def _by_segment(a_hist: jax.Array, a_noisy: jax.Array, split: int, seq: int) -> jax.Array:
+  """Per-token rows: tokens [0, split) take `a_hist` `[B|1, D]`, the rest `a_noisy` `[B, D]`.
+
+  Returns a `[B, S|1, D]` value that XLA fuses into its consumer (no [B, S, D] copy).
+  """
+  if split == 0:
+    return a_noisy[:, None, :]
+  is_hist = (jnp.arange(seq) < split)[None, :, None]
+  return jnp.where(is_hist, a_hist[:, None, :], a_noisy[:, None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockContext:
+  """Per-forward values shared by all blocks (closed over by the layer scan).
+
+  text: `[B, L, D]` projected text; mod_hist: `[1, 6, D]` fp32 (time_proj at t = 0);
+  mod_noisy: `[B, 6, D]` fp32 (time_proj at t); rope: (cos, sin) `[B, S, head_dim // 2]`.
+  """
+
+  text: jax.Array
+  mod_hist: jax.Array
+  mod_noisy: jax.Array
+  rope: tuple[jax.Array, jax.Array]
+  num_history: int  # leading history tokens
+  mod_split: int    # leading tokens modulated with t = 0 (num_history or 0)
+
+
+class HeliosBlock(nnx.Module):
+  """One DiT block: adaLN self-attention, guidance cross-attention, adaLN FFN (spec §3.7)."""
+
+  def __init__(self, cfg: HeliosTransformerConfig, *, dtype, rngs: nnx.Rngs, impl: str):
+    d = cfg.inner_dim
+    self.dtype = dtype
+    self.eps = cfg.eps
+    self.guidance_cross_attn = cfg.guidance_cross_attn
+    self.scale_shift_table = nnx.Param(_table_init(rngs, (1, 6, d), d))
+    self.attn1 = HeliosAttention(d, cfg.num_attention_heads, cfg.eps, dtype=dtype, rngs=rngs,
+                                 is_amplify_history=cfg.is_amplify_history,
+                                 history_scale_mode=cfg.history_scale_mode, impl=impl)
+    self.attn2 = HeliosAttention(d, cfg.num_attention_heads, cfg.eps, dtype=dtype, rngs=rngs,
+                                 added_kv_proj_dim=cfg.added_kv_proj_dim, impl=impl)
+    self.norm2 = layers.FP32LayerNorm(d, cfg.eps) if cfg.cross_attn_norm else None
+    self.ffn = FeedForward(d, cfg.ffn_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    """`x` `[B, S, D]` (model dtype) -> `[B, S, D]`."""
+    dt = x.dtype
+    s = x.shape[1]
+    table = self.scale_shift_table[...][0]  # [6, D] fp32
+    mh, mn = ctx.mod_hist + table, ctx.mod_noisy + table
+    shift, scale, gate, c_shift, c_scale, c_gate = (
+        _by_segment(mh[:, i], mn[:, i], ctx.mod_split, s) for i in range(6))
+
+    # (a) self-attention over all tokens.
+    h = (layers.layer_norm_f32(x, self.eps) * (1 + scale) + shift).astype(dt)
+    a = self.attn1(h, rope=ctx.rope, num_history=ctx.num_history)
+    x = (x.astype(F32) + a.astype(F32) * gate).astype(dt)
+
+    # (b) cross-attention to the text: noisy tokens only with guidance_cross_attn.
+    split = ctx.num_history if self.guidance_cross_attn else 0
+    xh, xn = x[:, :split], x[:, split:]
+    c = self.norm2(xn).astype(dt) if self.norm2 is not None else xn
+    xn = xn + self.attn2(c, context=ctx.text)
+    x = jnp.concatenate([xh, xn], axis=1) if split else xn
+
+    # (c) feed-forward over all tokens.
+    h = (layers.layer_norm_f32(x, self.eps) * (1 + c_scale) + c_shift).astype(dt)
+    f = self.ffn(h)
+    return (x.astype(F32) + f.astype(F32) * c_gate).astype(dt)
+
+
+class OutputNorm(nnx.Module):
+  """`norm_out`: non-affine LayerNorm modulated by (scale_shift_table + temb) rows (shift, scale)."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale_shift_table = nnx.Param(_table_init(rngs, (1, 2, dim), dim))
+
+  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    """x `[B, N, D]`, temb `[B, D]` -> `[B, N, D]` in x.dtype."""
+    mod = self.scale_shift_table[...] + temb.astype(F32)[:, None, :]  # [B, 2, D]
+    shift, scale = mod[:, 0][:, None], mod[:, 1][:, None]
+    return (layers.layer_norm_f32(x, self.eps) * (1 + scale) + shift).astype(x.dtype)
+
+
+class HeliosTransformer3DModel(nnx.Module):
+  """Flax NNX twin of diffusers' `HeliosTransformer3DModel`.
+
+  Args:
+    config: the model hyper-parameters.
+    dtype: parameter/compute dtype (fp32-kept modules stay fp32, see `FP32_MODULES`).
+    rngs: initialisation RNGs.
+    attention_impl: "xla" | "cudnn" | "pallas" | "auto" (see `attention.py`).
+    remat: per-block rematerialisation policy name in `REMAT_POLICIES` ("none" at inference).
+  """
+
+  def __init__(self, config: HeliosTransformerConfig, *, dtype=F32, rngs: nnx.Rngs,
+               attention_impl: str = "auto", remat: str = "none"):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r} not in {sorted(REMAT_POLICIES)}")
+    cfg = config
+    self.config = cfg
+    self.dtype = jnp.dtype(dtype)
+    self.remat = remat
+    d = cfg.inner_dim
+    self.patch_embedding = memory.PatchEmbed3D(cfg.in_channels, d, cfg.patch_size, dtype=dtype,
+                                               rngs=rngs)
+    self.memory = (memory.MultiTermMemoryPatch(cfg.in_channels, d, cfg.patch_size, dtype=dtype,
+                                               rngs=rngs)
+                   if cfg.has_multi_term_memory_patch else None)
+    self.condition_embedder = ConditionEmbedder(cfg, dtype=dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
+    def make_blocks(r: nnx.Rngs):
+      return HeliosBlock(cfg, dtype=dtype, rngs=r, impl=attention_impl)
+
+    self.blocks = make_blocks(rngs)
+    self.norm_out = OutputNorm(d, cfg.eps, rngs)
+    self.proj_out = layers.Linear(d, cfg.out_dim * math.prod(cfg.patch_size), dtype=dtype,
+                                  rngs=rngs)
+
+  def _run_blocks(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    def step(h, block):
+      return block(h, ctx)
+
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat != "none":
+      step = nnx.remat(step, policy=policy)
+    return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+  def __call__(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states=None,
+               indices_latents_history_short=None, indices_latents_history_mid=None,
+               indices_latents_history_long=None, latents_history_short=None,
+               latents_history_mid=None, latents_history_long=None):
+    """Denoiser forward with the diffusers argument names and channel-first layouts.
+
+    Args:
+      hidden_states: `[B, C, T, H, W]` noisy latents.
+      timestep: `[B]` (or scalar / `[1]`, broadcast) timesteps in [0, 1000].
+      encoder_hidden_states: `[B, L, text_dim]` text embeddings.
+      indices_hidden_states: `[B, T // pt]` RoPE frame indices (default 0..T'-1).
+      indices_latents_history_{short,mid,long}: `[B, T_g]` RoPE frame indices per group.
+      latents_history_{short,mid,long}: `[B, C, T_g, H_g, W_g]` clean history latents. A group
+        is used only when both its latents and indices are given.
+
+    Returns:
+      `[B, out_channels, T, H, W]` velocity in the model dtype.
+    """
+    cfg = self.config
+    dt = self.dtype
+    validate_inputs(cfg, hidden_states, timestep, encoder_hidden_states, indices_hidden_states,
+                    {"short": (latents_history_short, indices_latents_history_short),
+                     "mid": (latents_history_mid, indices_latents_history_mid),
+                     "long": (latents_history_long, indices_latents_history_long)})
+    b = hidden_states.shape[0]
+    to_cl = lambda v: jnp.moveaxis(jnp.asarray(v), 1, -1).astype(dt)  # [B,C,T,H,W]->[B,T,H,W,C]
+
+    # Noisy window.
+    x = self.patch_embedding(to_cl(hidden_states))                  # [B, T', H', W', D]
+    _, tn, hn, wn, _ = x.shape
+    if indices_hidden_states is None:
+      indices_hidden_states = jnp.broadcast_to(jnp.arange(tn)[None], (b, tn))
+    cos, sin = rope_lib.rope_tables(jnp.asarray(indices_hidden_states), hn, wn, cfg.rope_dim,
+                                    cfg.rope_theta)
+    x = rope_lib.flatten_grid(x)
+    cos, sin = rope_lib.flatten_grid(cos), rope_lib.flatten_grid(sin)
+    num_noisy = x.shape[1]
+
+    # History (Multi-Term Memory Patchification).
+    use = lambda lat, idx: lat is not None and idx is not None
+    hist = memory.HistoryInputs(
+        short=to_cl(latents_history_short) if use(latents_history_short,
+                                                  indices_latents_history_short) else None,
+        mid=to_cl(latents_history_mid) if use(latents_history_mid,
+                                              indices_latents_history_mid) else None,
+        long=to_cl(latents_history_long) if use(latents_history_long,
+                                                indices_latents_history_long) else None,
+        idx_short=indices_latents_history_short, idx_mid=indices_latents_history_mid,
+        idx_long=indices_latents_history_long)
+    num_history = 0
+    if self.memory is not None and (hist.short is not None or hist.mid is not None
+                                    or hist.long is not None):
+      h_tok, (h_cos, h_sin) = self.memory(hist, cfg.rope_dim, cfg.rope_theta)
+      num_history = h_tok.shape[1]
+      x = jnp.concatenate([h_tok, x], axis=1)
+      cos = jnp.concatenate([h_cos, cos], axis=1)
+      sin = jnp.concatenate([h_sin, sin], axis=1)
+
+    # Timestep and text conditioning.
+    t = jnp.broadcast_to(jnp.asarray(timestep).reshape(-1), (b,))
+    temb, tp = self.condition_embedder.time(t)
+    if cfg.zero_history_timestep:
+      _, tp0 = self.condition_embedder.time(jnp.zeros((1,), t.dtype))
+      mod_split = num_history
+    else:
+      tp0, mod_split = tp, 0
+    text = self.condition_embedder.text_embedder(jnp.asarray(encoder_hidden_states).astype(dt))
+    ctx = BlockContext(text=text, mod_hist=tp0.astype(F32), mod_noisy=tp.astype(F32),
+                       rope=(cos, sin), num_history=num_history, mod_split=mod_split)
+
+    x = self._run_blocks(x, ctx)
+
+    # Output head on the noisy tokens, unpatchify.
+    y = self.proj_out(self.norm_out(x[:, num_history:], temb))    # [B, N, pt*ph*pw*C]
+    pt, ph, pw = cfg.patch_size
+    y = y.reshape(b, tn, hn, wn, pt, ph, pw, cfg.out_dim)
+    y = y.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+    return y.reshape(b, cfg.out_dim, tn * pt, hn * ph, wn * pw)
+
+
+def validate_inputs(cfg: HeliosTransformerConfig, hidden_states, timestep, encoder_hidden_states,
+                    indices_hidden_states, groups: Mapping[str, tuple[Any, Any]]) -> None:
+  """Shape checks with errors that name the offending argument and value."""
+  shape = tuple(hidden_states.shape)
+  if len(shape) != 5:
+    raise ValueError(f"hidden_states must be [B, C, T, H, W], got shape {shape}")
+  b, c, t, h, w = shape
+  if c != cfg.in_channels:
+    raise ValueError(f"hidden_states has {c} channels (shape {shape}); the model expects "
+                     f"in_channels={cfg.in_channels}")
+  for name, n, p in (("T", t, cfg.patch_size[0]), ("H", h, cfg.patch_size[1]),
+                     ("W", w, cfg.patch_size[2])):
+    if n % p:
+      raise ValueError(f"hidden_states {name}={n} (shape {shape}) is not a multiple of "
+                       f"patch_size {cfg.patch_size}")
+  tsize = int(np.prod(np.shape(timestep)))
+  if tsize not in (1, b):
+    raise ValueError(f"timestep has shape {tuple(np.shape(timestep))}; expected [B]={b} or [1]")
+  e = tuple(encoder_hidden_states.shape)
+  if len(e) != 3 or e[0] != b or e[2] != cfg.text_dim:
+    raise ValueError(f"encoder_hidden_states must be [B={b}, L, text_dim={cfg.text_dim}], got {e}")
+  if indices_hidden_states is not None:
+    want = (b, t // cfg.patch_size[0])
+    if tuple(np.shape(indices_hidden_states)) != want:
+      raise ValueError(f"indices_hidden_states has shape {tuple(np.shape(indices_hidden_states))},"
+                       f" expected {want} for hidden_states {shape}")
+  for name, (lat, idx) in groups.items():
+    if (lat is None) != (idx is None):
+      given = "latents" if lat is not None else "indices"
+      raise ValueError(f"history group '{name}': only {given} given; pass both "
+                       f"latents_history_{name} and indices_latents_history_{name} (or neither)")
+    if lat is None:
+      continue
+    if not cfg.has_multi_term_memory_patch:
+      raise ValueError(f"latents_history_{name} given but the model has no memory patches "
+                       "(has_multi_term_memory_patch=False)")
+    ls = tuple(lat.shape)
+    if len(ls) != 5 or ls[0] != b or ls[1] != cfg.in_channels:
+      raise ValueError(f"latents_history_{name} must be [B={b}, C={cfg.in_channels}, T, H, W], "
+                       f"got {ls}")
+    ishape = tuple(np.shape(idx))
+    if len(ishape) != 2 or ishape[0] != b:
+      raise ValueError(f"indices_latents_history_{name} must be [B={b}, T], got {ishape}")
+    if name == "short" and ishape[1] != ls[2] // cfg.patch_size[0]:
+      raise ValueError(f"indices_latents_history_short has {ishape[1]} frames but "
+                       f"latents_history_short {ls} has {ls[2] // cfg.patch_size[0]}")
+    if name != "short" and ishape[1] != ls[2]:
+      raise ValueError(f"indices_latents_history_{name} has {ishape[1]} frames but "
+                       f"latents_history_{name} {ls} has {ls[2]}")
+  if groups["short"][0] is None and (groups["mid"][0] is not None or groups["long"][0] is not None):
+    raise ValueError("latents_history_mid/long need latents_history_short: they use the short "
+                     "history's RoPE grid")
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint glue.
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _torch_key_map(key: str):
+  """diffusers state-dict key -> (Flax path, layer index | None); None ignores the key."""
+  if "norm_added_q" in key:  # the reference ignores it too
+    return None
+  if key == "scale_shift_table":  # Wan-diffusers name of the output table
+    key = "norm_out.scale_shift_table"
+  layer = None
+  m = _BLOCK_KEY.match(key)
+  if m:
+    layer, key = int(m.group(1)), m.group(2)
+  key = key.replace("to_out.0.", "to_out.").replace("ffn.net.0.proj.", "ffn.proj_in.")
+  key = key.replace("ffn.net.2.", "ffn.proj_out.")
+  parts = key.split(".")
+  if parts[0] in ("patch_short", "patch_mid", "patch_long"):
+    parts = ["memory"] + parts
+  if parts[-1] == "weight" and not parts[-2].startswith("norm"):
+    parts[-1] = "kernel"
+  path = tuple(parts)
+  return (("blocks",) + path, layer) if layer is not None else (path, None)
+
+
+class TransformerSpec(checkpoint.ModelSpec):
+  """Storage glue for `HeliosTransformer3DModel` (diffusers `transformer/` folders)."""
+
+  name = "transformer"
+  config_cls = HeliosTransformerConfig
+
+  def __init__(self, attention_impl: str = "auto", remat: str = "none"):
+    self.attention_impl = attention_impl
+    self.remat = remat
+
+  def build(self, config, dtype, seed: int = 0):
+    return HeliosTransformer3DModel(config, dtype=dtype, rngs=nnx.Rngs(seed),
+                                    attention_impl=self.attention_impl, remat=self.remat)
+
+  def key_map(self, config):
+    return _torch_key_map
+
+  def stacked_len(self, config):
+    return config.num_layers
+
+
+TRANSFORMER_SPEC = TransformerSpec()
+
+INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "indices_hidden_states",
+               "indices_latents_history_short", "indices_latents_history_mid",
+               "indices_latents_history_long", "latents_history_short", "latents_history_mid",
+               "latents_history_long")
+
+
+def transformer_forward(graphdef: nnx.GraphDef, params: nnx.State,
+                        inputs: Mapping[str, Any]) -> jax.Array:
+  """Pure forward: (static graphdef, params, dict of `INPUT_NAMES` arrays) -> velocity."""
+  model = nnx.merge(graphdef, params)
+  return model(**inputs)
+
+
+class HeliosTransformer:
+  """A loaded DiT: `nnx.split` state + a jitted pure forward, called like diffusers' model.
+
+  Attributes:
+    config: `HeliosTransformerConfig`.
+    graphdef, params: the `nnx.split` of the module.
+    forward: `jax.jit(transformer_forward)` with graphdef bound: `forward(params, inputs)`.
+  """
+
+  def __init__(self, config: HeliosTransformerConfig, model: HeliosTransformer3DModel):
+    self.config = config
+    self.dtype = model.dtype
+    self.graphdef, self.params = nnx.split(model)
+    self.forward = jax.jit(functools.partial(transformer_forward, self.graphdef))
+
+  def module(self) -> HeliosTransformer3DModel:
+    return nnx.merge(self.graphdef, self.params)
+
+  def __call__(self, hidden_states, timestep, encoder_hidden_states, **kwargs) -> jax.Array:
+    unknown = sorted(set(kwargs) - set(INPUT_NAMES))
+    if unknown:
+      raise TypeError(f"unknown transformer input(s) {unknown}; expected {INPUT_NAMES}")
+    inputs = {"hidden_states": hidden_states, "timestep": timestep,
+              "encoder_hidden_states": encoder_hidden_states, **kwargs}
+    inputs = {k: (None if v is None else jnp.asarray(v)) for k, v in inputs.items()}
+    return self.forward(self.params, inputs)
+
+
+def load_transformer(path, dtype=None, *, attention_impl: str = "auto",
+                     remat: str = "none") -> HeliosTransformer:
+  """Loads a diffusers `transformer/` folder (safetensors, single or sharded) or our Orbax export.
+
+  Args:
+    path: the folder (holding `config.json`).
+    dtype: parameter/compute dtype, e.g. `jnp.bfloat16` (None -> float32). The fp32-kept
+      modules (`FP32_MODULES`) stay float32 either way, as in diffusers.
+    attention_impl: attention core, see `helios_jax.models.attention`.
+    remat: rematerialisation policy (training).
+  """
+  spec = TransformerSpec(attention_impl=attention_impl, remat=remat)
+  config, model = checkpoint.load_model(spec, path, dtype)
+  return HeliosTransformer(config, model)
+
+
+def init_transformer(config: HeliosTransformerConfig, dtype=F32, seed: int = 0, *,
+                     attention_impl: str = "auto", remat: str = "none") -> HeliosTransformer:
+  """A randomly initialised model (tiny demos, benchmarks with the 14B shapes)."""
+  model = TransformerSpec(attention_impl, remat).build(config, jnp.dtype(dtype), seed)
+  return HeliosTransformer(config, model)
+
+
+def count_params(config: HeliosTransformerConfig) -> int:
+  """Parameter count from `jax.eval_shape` (no memory allocated)."""
+  _, abstract = TRANSFORMER_SPEC.abstract(config, jnp.bfloat16)
+  return int(sum(np.prod(v.shape) for v in jax.tree.leaves(abstract)))

@@ -1,0 +1,207 @@
+"""Jittable solver steps (Euler, UniPC predictor-corrector, DMD) and per-stage scan loops.
+
+All step functions are pure `jax.numpy` functions of arrays and of one step's slice of a
+coefficient table from `tables.py`; the UniPC multistep history is a fixed-shape pytree, so a
+stage runs as one `jax.lax.scan`. Dtypes follow the reference: the sample stays fp32, the
+model output may be bf16 and `sigma * v` is then rounded to bf16 before x0 = x - sigma v is
+formed in fp32 (spec sampling.md §4.3, §10).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from helios_jax.schedulers import _numerics
+from helios_jax.schedulers.tables import DMDTable, EulerTable, UniPCTable
+
+Denoise = Callable[[jax.Array, object], jax.Array]
+
+
+def _coef(c, dtype) -> jax.Array:
+  """A 0-dim float64 table entry as PyTorch uses it against a `dtype` tensor."""
+  return jnp.asarray(c).astype(_numerics.opmath_dtype(dtype))
+
+
+# ------------------------------------------------------------------------------------- Euler
+
+
+def euler_step(x: jax.Array, v: jax.Array, step: EulerTable) -> jax.Array:
+  """One flow-matching Euler step (`HeliosScheduler.step_euler`).
+
+  Args:
+    x: [B, T, H, W, C] sample (upcast to fp32 as the reference does).
+    v: [B, T, H, W, C] velocity (model output dtype).
+    step: one step of an `EulerTable`.
+
+  Returns:
+    [B, T, H, W, C] x + (sigma_next - sigma) v, cast to the dtype of `v` (as the reference).
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return _numerics.round_to(
+      _numerics.binary(jnp.add, xf, _numerics.scale(step.sigma_delta, v)), v.dtype)
+
+
+# ------------------------------------------------------------------------------------- UniPC
+
+
+@flax.struct.dataclass
+class UniPCState:
+  """UniPC multistep history (reset at the start of every schedule / pyramid stage)."""
+
+  model_outputs: jax.Array  # [K, B, T, H, W, C] x0 estimates m_{i-K}..m_{i-1}, newest last
+  last_sample: jax.Array  # [B, T, H, W, C] corrected sample of the previous step
+
+
+def unipc_init(x: jax.Array, solver_order: int = 2) -> UniPCState:
+  """Empty history for a sample `x` [B, T, H, W, C] (fp32)."""
+  if solver_order < 1:
+    raise ValueError(f"solver_order={solver_order} must be >= 1")
+  return UniPCState(model_outputs=jnp.zeros((solver_order, *x.shape), x.dtype),
+                    last_sample=jnp.zeros_like(x))
+
+
+def _history_sum(hist: jax.Array, m0: jax.Array, rk: jax.Array, rho: jax.Array, dtype):
+  """sum_k rho[k] (hist[-2-k] - m0) / rk[k]; terms with rho = 0, rk = 1 contribute exactly 0."""
+  res = None
+  for j in range(rk.shape[0]):
+    d = (hist[hist.shape[0] - 2 - j] - m0) / _coef(rk[j], dtype)
+    term = _coef(rho[j], dtype) * d
+    res = term if res is None else res + term
+  return res
+
+
+def unipc_step(state: UniPCState, x: jax.Array, v: jax.Array,
+               step: UniPCTable) -> tuple[UniPCState, jax.Array]:
+  """One `HeliosScheduler.step_unipc` (bh1/bh2, any order, predict_x0, flow sigmas).
+
+  Args:
+    state: history from `unipc_init` or the previous step.
+    x: [B, T, H, W, C] fp32 sample the model was evaluated at.
+    v: [B, T, H, W, C] velocity (bf16 or fp32 model output, after guidance).
+    step: one step of a `UniPCTable` (solver order K = step.c_rk.shape[-1] + 1).
+
+  Returns:
+    (new state, [B, T, H, W, C] next sample).
+  """
+  k = state.model_outputs.shape[0]
+  if step.c_rk.shape[-1] != k - 1:
+    raise ValueError(f"table solver order {step.c_rk.shape[-1] + 1} != history slots {k}")
+  dt = x.dtype
+  m = _numerics.binary(jnp.subtract, x, _numerics.scale(step.sigma, v))
+  hist = state.model_outputs
+  m_prev = hist[k - 1]
+  corr = _history_sum(hist, m_prev, step.c_rk, step.c_rho, dt)
+  new = _coef(step.c_rho_new, dt) * (m - m_prev)
+  corr = new if corr is None else corr + new
+  x_corr = (_coef(step.c_ratio, dt) * state.last_sample - _coef(step.c_x0, dt) * m_prev
+            - _coef(step.c_res, dt) * corr)
+  x = jnp.where(step.corrector_on, x_corr.astype(dt), x)
+  hist = jnp.concatenate([hist[1:], m[None].astype(hist.dtype)], axis=0)
+  x_next = _coef(step.p_ratio, dt) * x - _coef(step.p_x0, dt) * m
+  pred = _history_sum(hist, m, step.p_rk, step.p_rho, dt)
+  if pred is not None:
+    x_next = x_next - _coef(step.p_res, dt) * pred
+  return UniPCState(model_outputs=hist, last_sample=x), x_next.astype(dt)
+
+
+# --------------------------------------------------------------------------------------- DMD
+
+
+def dmd_step(x: jax.Array, v: jax.Array, start: jax.Array,
+             step: DMDTable) -> tuple[jax.Array, jax.Array]:
+  """One `HeliosDMDScheduler.step`: x0 estimate, then re-noise towards the stage start point.
+
+  The reference evaluates both lines in float64; here they run in float64 under
+  `jax_enable_x64`, else in float32 (one extra fp32 rounding before the final cast).
+
+  Args:
+    x: [B, T, H, W, C] current sample (dtype of `start`).
+    v: [B, T, H, W, C] velocity (model output dtype).
+    start: [B, T, H, W, C] the stage's start point P_k (the injected "noise": stage-0
+      downsampled noise, or the renoised upsampled previous output).
+    step: one step of a `DMDTable`.
+
+  Returns:
+    (x_next, x0): x_next = (1 - sigma_next) x0 + sigma_next P_k in the dtype of `start`
+    (equal to x0 at the stage's last step); x0 = x - sigma v in the dtype of `v`.
+  """
+  wd = _numerics.wide_dtype()
+  x0 = x.astype(wd) - jnp.asarray(step.sigma).astype(wd) * v.astype(wd)
+  x0 = _numerics.round_to(x0, v.dtype)
+  xn = (jnp.asarray(step.keep_next).astype(wd) * x0.astype(wd)
+        + jnp.asarray(step.sigma_next).astype(wd) * start.astype(wd))
+  return _numerics.round_to(xn, start.dtype), x0
+
+
+# ----------------------------------------------------------------------- per-stage scan loops
+
+
+def _first(table):
+  return jax.tree.map(lambda a: a[0], table)
+
+
+def run_euler(x: jax.Array, table: EulerTable, denoise: Denoise) -> jax.Array:
+  """All Euler steps of a schedule.
+
+  Args:
+    x: [B, T, H, W, C] start sample.
+    table: `euler_table(schedule)`.
+    denoise: `denoise(x, step) -> v` (step = this step's table slice).
+
+  Returns:
+    [B, T, H, W, C] final sample (the model output dtype, as the reference).
+  """
+  out_dtype = jax.eval_shape(denoise, x, _first(table)).dtype
+  x = x.astype(out_dtype)
+
+  def body(x, step):
+    return euler_step(x, denoise(x, step), step), None
+
+  return jax.lax.scan(body, x, table)[0]
+
+
+def run_unipc(x: jax.Array, table: UniPCTable, denoise: Denoise) -> jax.Array:
+  """All UniPC steps of a schedule (one Base chunk or one Mid stage).
+
+  Args:
+    x: [B, T, H, W, C] fp32 start sample.
+    table: `unipc_table(config, schedule)`.
+    denoise: `denoise(x, step) -> v` (guidance applied inside).
+
+  Returns:
+    [B, T, H, W, C] fp32 sample after the last step (the stage output).
+  """
+  k = table.c_rk.shape[-1] + 1
+
+  def body(carry, step):
+    x, state = carry
+    state, x = unipc_step(state, x, denoise(x, step), step)
+    return (x, state), None
+
+  return jax.lax.scan(body, (x, unipc_init(x, k)), table)[0][0]
+
+
+def run_dmd(start: jax.Array, table: DMDTable, denoise: Denoise) -> jax.Array:
+  """All DMD steps of a pyramid stage.
+
+  Args:
+    start: [B, T, H, W, C] stage start point P_k (fp32 for stage 0, model dtype later).
+    table: `dmd_table(schedule)`.
+    denoise: `denoise(x, step) -> v`.
+
+  Returns:
+    [B, T, H, W, C] the last x0 estimate (stage output), in the model output dtype.
+  """
+  out_dtype = jax.eval_shape(denoise, start, _first(table)).dtype
+
+  def body(x, step):
+    x_next, _ = dmd_step(x, denoise(x, step), start, step)
+    return x_next, None
+
+  # The last step has sigma_next = 0, so its x_next is exactly its x0 (stored in the start
+  # point's dtype, which holds every model-dtype value exactly).
+  return jax.lax.scan(body, start, table)[0].astype(out_dtype)

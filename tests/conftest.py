@@ -1,0 +1,34 @@
+"""Shared pytest set-up: CPU JAX, deterministic torch, GPU-test skipping."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", os.environ.get("HELIOS_TEST_PLATFORMS", "cpu"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+import pytest
+
+
+def _has_gpu() -> bool:
+  try:
+    return any(d.platform == "gpu" for d in jax.devices())
+  except RuntimeError:
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  if _has_gpu():
+    return
+  skip = pytest.mark.skip(reason="needs a GPU (none present)")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
+
+
+def rel_err(ours, ref) -> float:
+  """max|ours - ref| / max|ref| (the project's parity metric)."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
