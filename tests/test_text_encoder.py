@@ -132,6 +132,36 @@ def test_relative_position_buckets_match_transformers():
     np.testing.assert_array_equal(ours, ref.numpy())
 
 
+def test_key_map_covers_umt5_xxl():
+  """Every tensor of the real 24-layer checkpoint maps to a parameter of the right shape."""
+  cfg = te.UMT5Config.from_preset("umt5-xxl")
+  with torch.device("meta"):
+    ref = transformers.UMT5EncoderModel(
+        transformers.UMT5Config(**{k: v for k, v in cfg.to_dict().items() if v is not None}))
+  shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  assert {"shared.weight", "encoder.embed_tokens.weight"} <= set(shapes)
+
+  class MetaReader:
+    folder = "<meta umt5-xxl>"
+    keys = shapes.keys
+    __contains__ = shapes.__contains__
+    info = lambda self, key: (np.dtype(np.float32), shapes[key])
+
+  _, abstract = te.TEXT_ENCODER_SPEC.abstract(cfg, jnp.bfloat16)
+  plan = checkpoint.ConversionPlan(
+      MetaReader(), abstract, te.TEXT_ENCODER_SPEC.key_map(cfg),
+      stacked_len=te.TEXT_ENCODER_SPEC.stacked_len(cfg), tied=te.TEXT_ENCODER_SPEC.tied_keys(cfg))
+  for path, sources in plan.sources.items():
+    target = plan.targets[path]
+    for layer, key in sources.items():
+      want = target.shape if layer is None else target.shape[1:]
+      got = shapes[key][::-1] if path[-1] == "kernel" else shapes[key]
+      assert tuple(got) == tuple(want), (key, got, want)
+  n_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract))
+  assert n_params == 5_680_910_336  # spec architecture.md §7
+  assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_config_loads_transformers_file(tiny):
   _, model, folder, *_ = tiny
   cfg = te.UMT5Config.from_json(folder)
@@ -139,6 +169,32 @@ def test_config_loads_transformers_file(tiny):
               "relative_attention_num_buckets", "relative_attention_max_distance"):
     assert getattr(cfg, key) == getattr(model.config, key), key
   assert cfg.dense_act_fn == "gelu_new" and cfg.is_gated_act
+
+
+def test_config_accepts_legacy_umt5_xxl_keys():
+  """A google/umt5-xxl-style file (transformers 4.x keys) parses to the preset."""
+  legacy = {
+      "_name_or_path": "google/umt5-xxl", "architectures": ["UMT5EncoderModel"],
+      "classifier_dropout": 0.0, "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+      "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "dropout_rate": 0.1,
+      "eos_token_id": 1, "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0,
+      "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06,
+      "model_type": "umt5", "num_decoder_layers": 24, "num_heads": 64, "num_layers": 24,
+      "output_past": True, "pad_token_id": 0, "relative_attention_max_distance": 128,
+      "relative_attention_num_buckets": 32, "scalable_attention": True,
+      "tie_word_embeddings": False, "tokenizer_class": "T5Tokenizer", "torch_dtype": "float32",
+      "transformers_version": "4.48.0", "use_cache": True, "vocab_size": 256384,
+  }
+  cfg = te.UMT5Config.from_dict(legacy)
+  preset = te.UMT5Config.from_preset("umt5-xxl")
+  for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+              "relative_attention_num_buckets", "relative_attention_max_distance",
+              "layer_norm_epsilon"):
+    assert getattr(cfg, key) == getattr(preset, key), key
+  with pytest.raises(ConfigError, match="dense_act_fn='relu'"):
+    te.UMT5Config.from_dict({**legacy, "dense_act_fn": "relu"})
+  with pytest.raises(ConfigError, match="is_decoder=True"):
+    te.UMT5Config.from_dict({**legacy, "is_decoder": True})
 
 
 def test_parity_fp32_single_file(tiny):
@@ -254,8 +310,16 @@ def test_clean_prompt_matches_diffusers():
     assert text.clean_prompt(p) == pipeline_helios_pyramid.prompt_clean(p), p
 
 
-@pytest.mark.parametrize("max_length", [16, 512])
-def test_encode_prompt_matches_pipeline(tiny, tiny_tokenizer, max_length):
+def test_encode_prompt_matches_pipeline(tiny, tiny_tokenizer):
+  _check_encode_prompt(tiny, tiny_tokenizer, max_length=16)
+
+
+@pytest.mark.parametrize("tiny", ["h4_kv12_l2_b32"], indirect=True)
+def test_encode_prompt_matches_pipeline_512(tiny, tiny_tokenizer):
+  _check_encode_prompt(tiny, tiny_tokenizer, max_length=512)
+
+
+def _check_encode_prompt(tiny, tiny_tokenizer, max_length: int):
   name, model, folder, *_ = tiny
   from diffusers import HeliosPipeline
   pipe = HeliosPipeline(tokenizer=tiny_tokenizer, text_encoder=model, vae=None, scheduler=None,
@@ -361,7 +425,8 @@ def test_bad_checkpoints(tiny, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match=r"ffn/wo/kernel\[layer 1\]"):
     te.load_text_encoder(write("missing_tensor", raw, missing))
   with pytest.raises(checkpoint.CheckpointError, match="lm_head.weight"):
-    te.load_text_encoder(write("extra_tensor", raw, {**sd, "lm_head.weight": sd["shared.weight"].clone()}))
+    te.load_text_encoder(
+        write("extra_tensor", raw, {**sd, "lm_head.weight": sd["shared.weight"].clone()}))
   extra_layer = {**sd, f"encoder.block.{raw['num_layers']}.layer.0.layer_norm.weight":
                  sd["encoder.final_layer_norm.weight"].clone()}
   with pytest.raises(checkpoint.CheckpointError, match=f"block.{raw['num_layers']}"):
