@@ -80,7 +80,8 @@ class ClipVisionConfig(JsonConfig):
       raise ConfigError(f"image_size={self.image_size} is not a multiple of "
                         f"patch_size={self.patch_size}")
     if self.hidden_act not in _ACTIVATIONS:
-      raise ConfigError(f"hidden_act={self.hidden_act!r} not supported; known {sorted(_ACTIVATIONS)}")
+      raise ConfigError(
+          f"hidden_act={self.hidden_act!r} not supported; known {sorted(_ACTIVATIONS)}")
     for name in ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
                  "num_channels"):
       if int(getattr(self, name)) < 1:
@@ -445,7 +446,8 @@ def openai_to_transformers(sd: Mapping[str, np.ndarray], num_heads: int | None =
                    if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))})
   heads = num_heads if num_heads is not None else width // 64
   config = ClipVisionConfig(
-      hidden_size=int(width), intermediate_size=int(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+      hidden_size=int(width),
+      intermediate_size=int(sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
       projection_dim=int(sd["visual.proj"].shape[1]), num_hidden_layers=len(layers),
       num_attention_heads=int(heads), image_size=int(grid * patch), patch_size=int(patch))
   out = {
@@ -528,7 +530,8 @@ def head_config_from_tensors(tensors: Mapping[str, np.ndarray]) -> AestheticHead
   if "weight" in tensors:
     w = tensors["weight"]
     if w.ndim != 2 or w.shape[0] != 1:
-      raise ckpt_lib.CheckpointError(f"linear aesthetic head weight has shape {w.shape}, want [1, D]")
+      raise ckpt_lib.CheckpointError(
+          f"linear aesthetic head weight has shape {w.shape}, want [1, D]")
     return AestheticHeadConfig(int(w.shape[1]), ())
   idx = sorted(int(m.group(1)) for k in tensors if (m := re.match(r"^layers\.(\d+)\.weight$", k)))
   if not idx:

@@ -58,7 +58,8 @@ class MotionAmplitude:
     gray = to_gray(frame)
     if self._prev is not None:
       if gray.shape != self._prev.shape:
-        raise ValueError(f"frame {self.num_frames} has size {gray.shape}, previous {self._prev.shape}")
+        raise ValueError(
+            f"frame {self.num_frames} has size {gray.shape}, previous {self._prev.shape}")
       self.maps.append(downscale_flow(farneback_flow(self._prev, gray)))
     self._prev = gray
     self.num_frames += 1

@@ -86,7 +86,8 @@ def parse_video_name(name: str, *, strict: bool = True) -> VideoName:
   if m:
     return VideoName(int(m.group(1)), int(m.group(2)), int(m.group(3)))
   if strict:
-    raise NamingError(f"video file name {base!r} does not match '{{id}}_{{duration}}_ori{{frames}}.mp4'")
+    raise NamingError(
+        f"video file name {base!r} does not match '{{id}}_{{duration}}_ori{{frames}}.mp4'")
   if not fnmatch.fnmatchcase(base, VIDEO_GLOB):
     raise NamingError(f"video file name {base!r} does not match the glob {VIDEO_GLOB!r}")
   m = _LEADING_ID.match(base)

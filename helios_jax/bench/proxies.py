@@ -23,7 +23,8 @@ _C2 = (0.03 * 255) ** 2
 
 
 def _hist(values: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
-  return np.bincount((values.astype(np.int32) * bins) >> 8, minlength=bins).astype(np.float64)
+  return np.bincount(((values.astype(np.int32) * bins) >> 8).ravel(),
+                     minlength=bins).astype(np.float64)
 
 
 def frame_histograms(frame: np.ndarray, bins: int = HIST_BINS) -> dict[str, np.ndarray]:
