@@ -251,36 +251,55 @@ class HeliosTransformer3DModel(nnx.Module):
       `[B, out_channels, T, H, W]` velocity in the model dtype.
     """
     cfg = self.config
-    dt = self.dtype
     validate_inputs(cfg, hidden_states, timestep, encoder_hidden_states, indices_hidden_states,
                     {"short": (latents_history_short, indices_latents_history_short),
                      "mid": (latents_history_mid, indices_latents_history_mid),
                      "long": (latents_history_long, indices_latents_history_long)})
-    b = hidden_states.shape[0]
-    to_cl = lambda v: jnp.moveaxis(jnp.asarray(v), 1, -1).astype(dt)  # [B,C,T,H,W]->[B,T,H,W,C]
+    to_cl = lambda v: None if v is None else jnp.moveaxis(jnp.asarray(v), 1, -1)
+    use = lambda lat, idx: to_cl(lat) if lat is not None and idx is not None else None
+    hist = memory.HistoryInputs(
+        short=use(latents_history_short, indices_latents_history_short),
+        mid=use(latents_history_mid, indices_latents_history_mid),
+        long=use(latents_history_long, indices_latents_history_long),
+        idx_short=indices_latents_history_short, idx_mid=indices_latents_history_mid,
+        idx_long=indices_latents_history_long)
+    y = self.forward_channels_last(to_cl(hidden_states), timestep, encoder_hidden_states,
+                                   indices_hidden_states, hist)
+    return jnp.moveaxis(y, -1, 1)
+
+  def forward_channels_last(self, x: jax.Array, timestep: jax.Array, text: jax.Array,
+                            frame_indices: jax.Array | None,
+                            hist: memory.HistoryInputs) -> jax.Array:
+    """The forward on channels-last latents (what the sampler calls; no input validation).
+
+    Args:
+      x: `[B, T, H, W, C]` noisy latents.
+      timestep: `[B]` (or `[1]` / scalar) timesteps.
+      text: `[B, L, text_dim]` text embeddings.
+      frame_indices: `[B, T // pt]` RoPE frame indices of the noisy window (None: 0..T'-1).
+      hist: history groups, latents `[B, T_g, H_g, W_g, C]` (None = group absent).
+
+    Returns:
+      `[B, T, H, W, out_channels]` velocity in the model dtype.
+    """
+    cfg = self.config
+    dt = self.dtype
+    b = x.shape[0]
+    cast = lambda v: None if v is None else v.astype(dt)
+    hist = dataclasses.replace(hist, short=cast(hist.short), mid=cast(hist.mid),
+                               long=cast(hist.long))
 
     # Noisy window.
-    x = self.patch_embedding(to_cl(hidden_states))                  # [B, T', H', W', D]
+    x = self.patch_embedding(x.astype(dt))                          # [B, T', H', W', D]
     _, tn, hn, wn, _ = x.shape
-    if indices_hidden_states is None:
-      indices_hidden_states = jnp.broadcast_to(jnp.arange(tn)[None], (b, tn))
-    cos, sin = rope_lib.rope_tables(jnp.asarray(indices_hidden_states), hn, wn, cfg.rope_dim,
+    if frame_indices is None:
+      frame_indices = jnp.broadcast_to(jnp.arange(tn)[None], (b, tn))
+    cos, sin = rope_lib.rope_tables(jnp.asarray(frame_indices), hn, wn, cfg.rope_dim,
                                     cfg.rope_theta)
     x = rope_lib.flatten_grid(x)
     cos, sin = rope_lib.flatten_grid(cos), rope_lib.flatten_grid(sin)
-    num_noisy = x.shape[1]
 
     # History (Multi-Term Memory Patchification).
-    use = lambda lat, idx: lat is not None and idx is not None
-    hist = memory.HistoryInputs(
-        short=to_cl(latents_history_short) if use(latents_history_short,
-                                                  indices_latents_history_short) else None,
-        mid=to_cl(latents_history_mid) if use(latents_history_mid,
-                                              indices_latents_history_mid) else None,
-        long=to_cl(latents_history_long) if use(latents_history_long,
-                                                indices_latents_history_long) else None,
-        idx_short=indices_latents_history_short, idx_mid=indices_latents_history_mid,
-        idx_long=indices_latents_history_long)
     num_history = 0
     if self.memory is not None and (hist.short is not None or hist.mid is not None
                                     or hist.long is not None):
@@ -298,7 +317,7 @@ class HeliosTransformer3DModel(nnx.Module):
       mod_split = num_history
     else:
       tp0, mod_split = tp, 0
-    text = self.condition_embedder.text_embedder(jnp.asarray(encoder_hidden_states).astype(dt))
+    text = self.condition_embedder.text_embedder(jnp.asarray(text).astype(dt))
     ctx = BlockContext(text=text, mod_hist=tp0.astype(F32), mod_noisy=tp.astype(F32),
                        rope=(cos, sin), num_history=num_history, mod_split=mod_split)
 
@@ -308,8 +327,8 @@ class HeliosTransformer3DModel(nnx.Module):
     y = self.proj_out(self.norm_out(x[:, num_history:], temb))    # [B, N, pt*ph*pw*C]
     pt, ph, pw = cfg.patch_size
     y = y.reshape(b, tn, hn, wn, pt, ph, pw, cfg.out_dim)
-    y = y.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-    return y.reshape(b, cfg.out_dim, tn * pt, hn * ph, wn * pw)
+    y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return y.reshape(b, tn * pt, hn * ph, wn * pw, cfg.out_dim)
 
 
 def validate_inputs(cfg: HeliosTransformerConfig, hidden_states, timestep, encoder_hidden_states,
