@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas import triton as plgpu
 
 # Dtypes every kernel in this package accepts for its activations.
@@ -52,6 +51,7 @@ def num_warps_for(elements: int) -> int:
 
 
 def compiler_params(num_warps: int, num_stages: int | None = None) -> plgpu.CompilerParams:
+  """Triton compiler params. Passing them also selects the Triton (not Mosaic GPU) lowering."""
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -66,8 +66,3 @@ def gpu_available() -> bool:
     return jax.devices()[0].platform == "gpu"
   except RuntimeError:
     return False
-
-
-def dtype_ulp(dtype) -> float:
-  """Machine epsilon of a float dtype (used by callers for tolerances)."""
-  return float(np.finfo(jnp.dtype(dtype)).eps)

@@ -96,7 +96,8 @@ def _fit_block(block: int, length: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids) -> None:
+def check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids) -> None:
+  """Raises ValueError naming the first bad shape / dtype among the attention inputs."""
   for name, t in (("q", q), ("k", k), ("v", v)):
     if t.ndim != 4:
       raise ValueError(f"{name}.shape={t.shape} must be [B, S, H, D]")
@@ -188,7 +189,7 @@ def attention_reference(q, k, v, *, kv_mask=None, q_segment_ids=None, kv_segment
   Returns:
     `[B, S_q, H, D]` in q.dtype; rows with no valid key are 0.
   """
-  _check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids)
+  check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids)
   b, sq, h, d = q.shape
   skv = k.shape[1]
   scale = _default_scale(d, sm_scale)
@@ -221,21 +222,74 @@ def attention_reference(q, k, v, *, kv_mask=None, q_segment_ids=None, kv_segment
 # --------------------------------------------------------------------------------------
 # Kernels.
 # --------------------------------------------------------------------------------------
+#
+# Masks are built only where a bound can actually be crossed (statically known): the head
+# dimension when D is not a power of two, the query rows of the last q block when S_q is
+# ragged, the keys of the peeled last loop step when S_kv is ragged. `None` = no mask.
 
 
-def _key_validity(cols, kv_len, kvm_ref, kvs_ref, q_seg, kslice, edge):
-  """Bool validity of a key block `[1 or block_q, block_k]`, or None if every key is valid."""
-  valid = None
-  if edge:
-    valid = (cols < kv_len)[None, :]
-  in_range = cols < kv_len
+def _and(a, b):
+  if a is None:
+    return b
+  return a if b is None else a & b
+
+
+def _load(ref, mask, other=0.0):
+  """Masked load (other where masked), or a plain load when mask is None."""
+  return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
+
+
+def _store(ref, value, mask):
+  if mask is None:
+    plgpu.store(ref, value)
+  else:
+    plgpu.store(ref, value, mask=mask)
+
+
+def _bounds(start, block: int, length: int, ragged: bool):
+  """[block] bool in-bounds mask of positions start..start+block, or None if never ragged."""
+  return (start + jnp.arange(block) < length) if ragged else None
+
+
+def _rows(mask):
+  return None if mask is None else mask[:, None]
+
+
+def _block_start(j, block: int):
+  """Start offset of loop block j, with an alignment hint for Triton."""
+  return pl.multiple_of(j * block, block)
+
+
+def _block_loop(body, length: int, block: int, carry):
+  """Runs body(j, carry, edge) over the blocks of `length`.
+
+  Whole blocks run the unmasked body (edge=False); a ragged tail runs once with edge=True
+  (bounds masks). The tail is a one-trip loop so its start offset stays dynamic: a static
+  slice past the array end is rejected at trace time, a masked dynamic one is not.
+  """
+  num_full = length // block
+  carry = lax.fori_loop(0, num_full, functools.partial(body, edge=False), carry)
+  if length % block:
+    carry = lax.fori_loop(num_full, num_full + 1, functools.partial(body, edge=True), carry)
+  return carry
+
+
+def _key_validity(kv_ok, kvm_ref, kvs_ref, q_seg, kslice):
+  """Bool validity `[1 or block_q, block_k]` of a key block, or None if all keys are valid.
+
+  Args:
+    kv_ok: `[block_k]` in-bounds mask of the keys, or None.
+    kvm_ref: `[S_kv]` int key-padding mask ref, or None.
+    kvs_ref: `[S_kv]` int key segment-id ref, or None.
+    q_seg: `[block_q]` query segment ids, or None.
+    kslice: the key block's slice.
+  """
+  valid = None if kv_ok is None else kv_ok[None, :]
   if kvm_ref is not None:
-    km = (plgpu.load(kvm_ref.at[kslice], mask=in_range, other=0) != 0)[None, :]
-    valid = km if valid is None else valid & km
+    valid = _and(valid, (_load(kvm_ref.at[kslice], kv_ok, 0) != 0)[None, :])
   if kvs_ref is not None:
-    ks = plgpu.load(kvs_ref.at[kslice], mask=in_range, other=0)
-    same = q_seg[:, None] == ks[None, :]
-    valid = same if valid is None else valid & same
+    ks = _load(kvs_ref.at[kslice], kv_ok, 0)
+    valid = _and(valid, q_seg[:, None] == ks[None, :])
   return valid
 
 
@@ -244,22 +298,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvm_ref, qs_ref, kvs_ref, o_ref, lse_ref, *
   # q_ref/o_ref: [block_q, D_pad]; k_ref/v_ref: [S_kv, D_pad]; kvm/kvs_ref: [S_kv];
   # qs_ref: [block_q]; lse_ref: [block_q].
   d_pad = q_ref.shape[-1]
-  rows = pl.program_id(0) * block_q + jnp.arange(block_q)
-  row_ok = rows < q_len
-  d_ok = jnp.arange(d_pad) < head_dim
-  q = plgpu.load(q_ref, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-  q_seg = None if qs_ref is None else plgpu.load(qs_ref, mask=row_ok, other=0)
+  d_ok = None if head_dim == d_pad else (jnp.arange(d_pad) < head_dim)[None, :]
+  row_ok = _bounds(pl.program_id(0) * block_q, block_q, q_len, q_len % block_q != 0)
+  q_tile = _and(_rows(row_ok), d_ok)
+  q = _load(q_ref, q_tile)
+  q_seg = None if qs_ref is None else _load(qs_ref, row_ok, 0)
   can_empty = kvm_ref is not None or kvs_ref is not None  # rows may have no valid key
 
   def body(j, carry, edge):
     acc, m_prev, l_prev = carry
-    start = pl.multiple_of(j * block_k, block_k)
+    start = _block_start(j, block_k)
     kslice = pl.ds(start, block_k)
-    cols = start + jnp.arange(block_k)
-    kv_mask2 = d_ok[None, :] if not edge else (cols < kv_len)[:, None] & d_ok[None, :]
-    k = plgpu.load(k_ref.at[kslice, :], mask=kv_mask2, other=0.0)
+    kv_ok = _bounds(start, block_k, kv_len, edge)
+    kv_tile = _and(_rows(kv_ok), d_ok)
+    k = _load(k_ref.at[kslice, :], kv_tile)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [block_q, block_k]
-    valid = _key_validity(cols, kv_len, kvm_ref, kvs_ref, q_seg, kslice, edge)
+    valid = _key_validity(kv_ok, kvm_ref, kvs_ref, q_seg, kslice)
     if valid is not None:
       s = jnp.where(valid, s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -267,18 +321,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvm_ref, qs_ref, kvs_ref, o_ref, lse_ref, *
     alpha = jnp.exp2(m_prev - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    v = plgpu.load(v_ref.at[kslice, :], mask=kv_mask2, other=0.0)
+    v = _load(v_ref.at[kslice, :], kv_tile)
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_next, l_next
 
   carry = (jnp.zeros((block_q, d_pad), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  num_full = kv_len // block_k
-  carry = lax.fori_loop(0, num_full, functools.partial(body, edge=False), carry)
-  if kv_len % block_k:
-    carry = body(num_full, carry, edge=True)
-  acc, m, l = carry
+  acc, m, l = _block_loop(body, kv_len, block_k, carry)
   if can_empty:
     empty = l == 0.0
     out = acc / jnp.where(empty, 1.0, l)[:, None]
@@ -286,8 +336,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvm_ref, qs_ref, kvs_ref, o_ref, lse_ref, *
   else:
     out = acc / l[:, None]
     lse = m + jnp.log2(l)
-  plgpu.store(o_ref, out.astype(o_ref.dtype), mask=row_ok[:, None] & d_ok[None, :])
-  plgpu.store(lse_ref, lse, mask=row_ok)
+  _store(o_ref, out.astype(o_ref.dtype), q_tile)
+  _store(lse_ref, lse, row_ok)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref, kvs_ref,
@@ -296,34 +346,30 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref
   # q_ref/do_ref: [S_q, D_pad]; lse/delta_ref/qs_ref: [S_q]; k/v/dk/dv_ref: [block_kv, D_pad];
   # kvm/kvs_ref: [block_kv].
   d_pad = k_ref.shape[-1]
-  cols = pl.program_id(0) * block_kv + jnp.arange(block_kv)
-  col_ok = cols < kv_len
-  d_ok = jnp.arange(d_pad) < head_dim
-  kv_tile_mask = col_ok[:, None] & d_ok[None, :]
-  k = plgpu.load(k_ref, mask=kv_tile_mask, other=0.0)
-  v = plgpu.load(v_ref, mask=kv_tile_mask, other=0.0)
-  key_ok = None
-  if kvm_ref is not None:
-    key_ok = (plgpu.load(kvm_ref, mask=col_ok, other=0) != 0)[None, :]
-  kv_seg = None if kvs_ref is None else plgpu.load(kvs_ref, mask=col_ok, other=0)
+  d_ok = None if head_dim == d_pad else (jnp.arange(d_pad) < head_dim)[None, :]
+  col_ok = _bounds(pl.program_id(0) * block_kv, block_kv, kv_len, kv_len % block_kv != 0)
+  kv_tile = _and(_rows(col_ok), d_ok)
+  k = _load(k_ref, kv_tile)
+  v = _load(v_ref, kv_tile)
+  key_ok = None if kvm_ref is None else (_load(kvm_ref, col_ok, 0) != 0)[None, :]
+  kv_seg = None if kvs_ref is None else _load(kvs_ref, col_ok, 0)
 
   def body(i, carry, edge):
     dk, dv = carry
-    start = pl.multiple_of(i * block_q, block_q)
+    start = _block_start(i, block_q)
     qslice = pl.ds(start, block_q)
-    rows_ok = start + jnp.arange(block_q) < q_len
-    q_tile_mask = d_ok[None, :] if not edge else rows_ok[:, None] & d_ok[None, :]
-    q = plgpu.load(q_ref.at[qslice, :], mask=q_tile_mask, other=0.0)
-    do = plgpu.load(do_ref.at[qslice, :], mask=q_tile_mask, other=0.0)
-    # Padded rows get lse = +inf, hence p = 0.
-    lse = plgpu.load(lse_ref.at[qslice], mask=rows_ok, other=jnp.inf)
-    delta = plgpu.load(delta_ref.at[qslice], mask=rows_ok, other=0.0)
+    rows_ok = _bounds(start, block_q, q_len, edge)
+    q_tile = _and(_rows(rows_ok), d_ok)
+    q = _load(q_ref.at[qslice, :], q_tile)
+    do = _load(do_ref.at[qslice, :], q_tile)
+    # Rows past the end get lse = +inf, hence p = 0.
+    lse = _load(lse_ref.at[qslice], rows_ok, jnp.inf)
+    delta = _load(delta_ref.at[qslice], rows_ok, 0.0)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [block_q, block_kv]
     valid = key_ok
     if kv_seg is not None:
-      q_seg = plgpu.load(qs_ref.at[qslice], mask=rows_ok, other=0)
-      same = q_seg[:, None] == kv_seg[None, :]
-      valid = same if valid is None else valid & same
+      q_seg = _load(qs_ref.at[qslice], rows_ok, 0)
+      valid = _and(valid, q_seg[:, None] == kv_seg[None, :])
     if valid is not None:
       s = jnp.where(valid, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
@@ -334,13 +380,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref
     return dk, dv
 
   carry = (jnp.zeros((block_kv, d_pad), jnp.float32), jnp.zeros((block_kv, d_pad), jnp.float32))
-  num_full = q_len // block_q
-  carry = lax.fori_loop(0, num_full, functools.partial(body, edge=False), carry)
-  if q_len % block_q:
-    carry = body(num_full, carry, edge=True)
-  dk, dv = carry
-  plgpu.store(dk_ref, (dk * sm_scale).astype(dk_ref.dtype), mask=kv_tile_mask)
-  plgpu.store(dv_ref, dv.astype(dv_ref.dtype), mask=kv_tile_mask)
+  dk, dv = _block_loop(body, q_len, block_q, carry)
+  _store(dk_ref, (dk * sm_scale).astype(dk_ref.dtype), kv_tile)
+  _store(dv_ref, dv.astype(dv_ref.dtype), kv_tile)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref, kvs_ref,
@@ -349,24 +391,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref,
   # q/do/dq_ref: [block_q, D_pad]; lse/delta/qs_ref: [block_q]; k/v_ref: [S_kv, D_pad];
   # kvm/kvs_ref: [S_kv].
   d_pad = q_ref.shape[-1]
-  rows_ok = pl.program_id(0) * block_q + jnp.arange(block_q) < q_len
-  d_ok = jnp.arange(d_pad) < head_dim
-  q_tile_mask = rows_ok[:, None] & d_ok[None, :]
-  q = plgpu.load(q_ref, mask=q_tile_mask, other=0.0)
-  do = plgpu.load(do_ref, mask=q_tile_mask, other=0.0)
-  lse = plgpu.load(lse_ref, mask=rows_ok, other=jnp.inf)
-  delta = plgpu.load(delta_ref, mask=rows_ok, other=0.0)
-  q_seg = None if qs_ref is None else plgpu.load(qs_ref, mask=rows_ok, other=0)
+  d_ok = None if head_dim == d_pad else (jnp.arange(d_pad) < head_dim)[None, :]
+  rows_ok = _bounds(pl.program_id(0) * block_q, block_q, q_len, q_len % block_q != 0)
+  q_tile = _and(_rows(rows_ok), d_ok)
+  q = _load(q_ref, q_tile)
+  do = _load(do_ref, q_tile)
+  lse = _load(lse_ref, rows_ok, jnp.inf)
+  delta = _load(delta_ref, rows_ok, 0.0)
+  q_seg = None if qs_ref is None else _load(qs_ref, rows_ok, 0)
 
   def body(j, dq, edge):
-    start = pl.multiple_of(j * block_kv, block_kv)
+    start = _block_start(j, block_kv)
     kslice = pl.ds(start, block_kv)
-    cols = start + jnp.arange(block_kv)
-    kv_tile_mask = d_ok[None, :] if not edge else (cols < kv_len)[:, None] & d_ok[None, :]
-    k = plgpu.load(k_ref.at[kslice, :], mask=kv_tile_mask, other=0.0)
-    v = plgpu.load(v_ref.at[kslice, :], mask=kv_tile_mask, other=0.0)
+    kv_ok = _bounds(start, block_kv, kv_len, edge)
+    kv_tile = _and(_rows(kv_ok), d_ok)
+    k = _load(k_ref.at[kslice, :], kv_tile)
+    v = _load(v_ref.at[kslice, :], kv_tile)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [block_q, block_kv]
-    valid = _key_validity(cols, kv_len, kvm_ref, kvs_ref, q_seg, kslice, edge)
+    valid = _key_validity(kv_ok, kvm_ref, kvs_ref, q_seg, kslice)
     if valid is not None:
       s = jnp.where(valid, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
@@ -374,12 +416,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kvm_ref, qs_ref,
     ds = p * (dp - delta[:, None])
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
-  dq = jnp.zeros((block_q, d_pad), jnp.float32)
-  num_full = kv_len // block_kv
-  dq = lax.fori_loop(0, num_full, functools.partial(body, edge=False), dq)
-  if kv_len % block_kv:
-    dq = body(num_full, dq, edge=True)
-  plgpu.store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype), mask=q_tile_mask)
+  dq = _block_loop(body, kv_len, block_kv, jnp.zeros((block_q, d_pad), jnp.float32))
+  _store(dq_ref, (dq * sm_scale).astype(dq_ref.dtype), q_tile)
 
 
 # --------------------------------------------------------------------------------------
@@ -391,10 +429,10 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _num_warps(block_sizes: BlockSizes, d_pad: int, tile: int) -> int:
+def _num_warps(block_sizes: BlockSizes, d_pad: int) -> int:
   if block_sizes.num_warps is not None:
     return block_sizes.num_warps
-  return 4 if d_pad <= 64 or tile < 128 * 64 else 8
+  return 4 if d_pad <= 64 else 8
 
 
 def _forward(q, k, v, kv_mask, q_seg, kv_seg, sm_scale, block_sizes, interpret):
@@ -424,7 +462,7 @@ def _forward(q, k, v, kv_mask, q_seg, kv_seg, sm_scale, block_sizes, interpret):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
       compiler_params=_common.compiler_params(
-          _num_warps(block_sizes, d_pad, block_q * block_k), block_sizes.num_stages),
+          _num_warps(block_sizes, d_pad), block_sizes.num_stages),
       interpret=interpret,
       name="flash_attention_fwd",
   )(q, k, v, kv_mask, q_seg, kv_seg)
@@ -440,8 +478,7 @@ def _backward(q, k, v, kv_mask, q_seg, kv_seg, out, lse, do, sm_scale, block_siz
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
   common = dict(scale_log2=sm_scale * _LOG2E, sm_scale=sm_scale, head_dim=d, q_len=sq,
                 kv_len=skv, precision=precision)
-  params = lambda tile: _common.compiler_params(  # pylint: disable=g-long-lambda
-      _num_warps(block_sizes, d_pad, tile), block_sizes.num_stages)
+  params = _common.compiler_params(_num_warps(block_sizes, d_pad), block_sizes.num_stages)
 
   # dK, dV: a program per key block, looping over all queries.
   bq, bkv = _fit_block(block_sizes.block_q_dkv, sq), _fit_block(block_sizes.block_kv_dkv, skv)
@@ -459,7 +496,7 @@ def _backward(q, k, v, kv_mask, q_seg, kv_seg, out, lse, do, sm_scale, block_siz
                 None if kv_seg is None else kv_vec_blk],
       out_specs=[kv_blk, kv_blk],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params(bq * bkv),
+      compiler_params=params,
       interpret=interpret,
       name="flash_attention_bwd_dkv",
   )(q, k, v, do, lse, delta, kv_mask, q_seg, kv_seg)
@@ -480,7 +517,7 @@ def _backward(q, k, v, kv_mask, q_seg, kv_seg, out, lse, do, sm_scale, block_siz
                 None if kv_seg is None else full_kv_vec],
       out_specs=q_blk,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params(bq * bkv),
+      compiler_params=params,
       interpret=interpret,
       name="flash_attention_bwd_dq",
   )(q, k, v, do, lse, delta, kv_mask, q_seg, kv_seg)
@@ -527,7 +564,7 @@ def flash_attention(q, k, v, *, kv_mask=None, q_segment_ids=None, kv_segment_ids
   Returns:
     `[B, S_q, H, D]` in q.dtype; rows with no valid key are 0 (and get zero gradients).
   """
-  _check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids)
+  check_attention_args(q, k, v, kv_mask, q_segment_ids, kv_segment_ids)
   check_pallas_support(q)
   scale = _default_scale(q.shape[-1], sm_scale)
   block_sizes = BlockSizes() if block_sizes is None else block_sizes

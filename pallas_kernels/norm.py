@@ -44,8 +44,8 @@ def layer_norm_modulate_reference(x, shift, scale, *, num_history: int, eps: flo
 
   Args:
     x: `[B, S, D]` activations (bf16/fp16/fp32).
-    shift: `[B, 2, D]` fp32; row 0 modulates tokens `s < num_history`, row 1 the rest.
-    scale: `[B, 2, D]` fp32, same row convention.
+    shift: `[B or 1, 2, D]` fp32; row 0 modulates tokens `s < num_history`, row 1 the rest.
+    scale: `[B or 1, 2, D]` fp32, same row convention.
     num_history: static number of leading (history) tokens, `0 <= num_history <= S`.
     eps: LayerNorm epsilon.
 
@@ -112,8 +112,11 @@ def _check_modulate_args(x, shift, scale, num_history) -> None:
     raise ValueError(f"x.shape={x.shape} must be [B, S, D]")
   b, s, d = x.shape
   for name, t in (("shift", shift), ("scale", scale)):
-    if tuple(t.shape) != (b, 2, d):
-      raise ValueError(f"{name}.shape={tuple(t.shape)} must be [B, 2, D] = {(b, 2, d)}")
+    if t.ndim != 3 or t.shape[0] not in (1, b) or tuple(t.shape[1:]) != (2, d):
+      raise ValueError(f"{name}.shape={tuple(t.shape)} must be [B or 1, 2, D] = "
+                       f"[{b} or 1, 2, {d}]")
+  if shift.shape != scale.shape:
+    raise ValueError(f"shift.shape={tuple(shift.shape)} != scale.shape={tuple(scale.shape)}")
   if not isinstance(num_history, int) or not 0 <= num_history <= s:
     raise ValueError(f"num_history={num_history!r} must be a static int in [0, S={s}]")
 
@@ -331,7 +334,8 @@ def _modulate_call(kernel, x, shift_or_none, scale, extra, out_dtypes, *, name, 
   block_rows, block_d = _row_layout(s, d)
   bsd_spec = pl.BlockSpec((None, block_rows, block_d), lambda bi, i: (bi, i, 0))
   bs_spec = pl.BlockSpec((None, block_rows), lambda bi, i: (bi, i))
-  tab_spec = pl.BlockSpec((None, 2, block_d), lambda bi, i: (bi, 0, 0))
+  tab_b = (lambda bi: bi) if scale.shape[0] == b else (lambda bi: 0)
+  tab_spec = pl.BlockSpec((None, 2, block_d), lambda bi, i: (tab_b(bi), 0, 0))
   tables = [scale] if shift_or_none is None else [shift_or_none, scale]
   in_specs = [bsd_spec] + [tab_spec] * len(tables)
   in_specs += [bsd_spec if t.ndim == 3 else bs_spec for t in extra]
@@ -382,6 +386,8 @@ def _layer_norm_modulate_bwd(num_history, eps, interpret, res, dy):
   dshift = jnp.stack([dyf[:, :h].sum(axis=1), dyf[:, h:].sum(axis=1)], axis=1)
   dscale = jnp.stack([(dyf[:, :h] * xhat[:, :h]).sum(axis=1),
                       (dyf[:, h:] * xhat[:, h:]).sum(axis=1)], axis=1)
+  if scale.shape[0] != x.shape[0]:  # tables broadcast over the batch
+    dshift, dscale = dshift.sum(0, keepdims=True), dscale.sum(0, keepdims=True)
   return dx, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
 
@@ -398,8 +404,8 @@ def layer_norm_modulate(x, shift, scale, *, num_history: int, eps: float = 1e-6,
 
   Args:
     x: `[B, S, D]` bf16/fp16/fp32 activations.
-    shift: `[B, 2, D]` fp32; row 0 for tokens `s < num_history`, row 1 for the rest.
-    scale: `[B, 2, D]` fp32, same row convention.
+    shift: `[B or 1, 2, D]` fp32; row 0 for tokens `s < num_history`, row 1 for the rest.
+    scale: `[B or 1, 2, D]` fp32, same row convention.
     num_history: static count of leading history tokens, `0 <= num_history <= S`.
     eps: LayerNorm epsilon (fp32 mean / biased variance).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
@@ -489,14 +495,30 @@ def _rms_norm_fwd(x2d, weight, eps, interpret):
   return y, (x2d, weight, rstd)
 
 
-def _rms_norm_bwd(eps, interpret, res, dy):
-  del eps
-  x2d, weight, rstd = res
+def rms_norm_grads(x2d, weight, rstd, dy, *, interpret: bool):
+  """RMSNorm backward from the forward's fp32 statistics (also used by rope.rms_norm_rope).
+
+  Args:
+    x2d: `[R, D]` forward input.
+    weight: `[D]` scale.
+    rstd: `[R]` fp32 rsqrt(mean(x^2) + eps) saved by the forward.
+    dy: `[R, D]` output cotangent.
+    interpret: run the Pallas dx kernel in interpret mode.
+
+  Returns:
+    (dx `[R, D]` in x2d.dtype via the Pallas kernel, dweight `[D]` via an XLA reduction).
+  """
   (dx,) = _rows_call(_rms_bwd_dx_kernel, x2d, [weight], [dy, rstd], [("rd", x2d.dtype)],
                      name="rms_norm_bwd_dx", interpret=interpret)
   xhat = x2d.astype(jnp.float32) * rstd[:, None]
   dw = jnp.sum(dy.astype(jnp.float32) * xhat, axis=0).astype(weight.dtype)
   return dx, dw
+
+
+def _rms_norm_bwd(eps, interpret, res, dy):
+  del eps
+  x2d, weight, rstd = res
+  return rms_norm_grads(x2d, weight, rstd, dy, interpret=interpret)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

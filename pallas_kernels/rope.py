@@ -299,7 +299,7 @@ def _rms_norm_rope_bwd(heads, eps, interpret, res, dy):
   dcos, dsin = _table_grads(n.reshape(dy.shape), dy, cos)
   # Through the RMSNorm: its Pallas dx kernel with the saved fp32 rstd.
   x2d, dn2d, rstd1d = x.reshape(b * s, d), dn.reshape(b * s, d), rstd.reshape(b * s)
-  dx, dw = norm._rms_norm_bwd(None, interpret, (x2d, weight, rstd1d), dn2d)  # pylint: disable=protected-access
+  dx, dw = norm.rms_norm_grads(x2d, weight, rstd1d, dn2d, interpret=interpret)
   return dx.reshape(x.shape), dw, dcos, dsin
 
 

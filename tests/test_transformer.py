@@ -14,6 +14,9 @@ from helios_jax import checkpoint
 from helios_jax.config import ConfigError, HeliosTransformerConfig
 from helios_jax.models import memory, rope
 from helios_jax.models import transformer as tr
+from helios_jax.models.attention import KernelConfig
+
+KERNELS_XLA = KernelConfig("xla", "xla")
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -86,7 +89,7 @@ def test_forward_parity(tmp_path, name, batch, groups, int_t):
   args = make_inputs(CONFIGS[name], batch, groups, int_timestep=int_t)
   with torch.no_grad():
     ref = ref_model(**args).sample.numpy()
-  ours = tr.load_transformer(path, attention_impl="xla")
+  ours = tr.load_transformer(path, kernels=KERNELS_XLA)
   out = np.asarray(ours(**to_np(args)))
   assert out.shape == ref.shape
   assert rel_err(out, ref) <= 1e-5
@@ -107,8 +110,8 @@ def test_orbax_round_trip(tmp_path):
   args = make_inputs(CONFIGS["released_flags"], 2)
   with torch.no_grad():
     ref = ref_model(**args).sample.numpy()
-  a = np.asarray(tr.load_transformer(path, attention_impl="xla")(**to_np(args)))
-  b = np.asarray(tr.load_transformer(dst, attention_impl="xla")(**to_np(args)))
+  a = np.asarray(tr.load_transformer(path, kernels=KERNELS_XLA)(**to_np(args)))
+  b = np.asarray(tr.load_transformer(dst, kernels=KERNELS_XLA)(**to_np(args)))
   np.testing.assert_array_equal(a, b)
   assert rel_err(b, ref) <= 1e-5
   # readable with orbax alone, blocks stacked on a leading layer axis.
@@ -139,7 +142,7 @@ def test_bf16_close_to_reference_bf16(tmp_path):
            for k, v in args.items()}
   with torch.no_grad():
     ref = ref_model(**targs).sample.float().numpy()
-  ours = tr.load_transformer(path, dtype=jnp.bfloat16, attention_impl="xla")
+  ours = tr.load_transformer(path, dtype=jnp.bfloat16, kernels=KERNELS_XLA)
   out = ours(**{k: (jnp.asarray(v.float().numpy(), jnp.bfloat16) if v.dtype == torch.bfloat16
                     else v.numpy()) for k, v in targs.items()})
   out = np.asarray(out.astype(jnp.float32))
@@ -222,7 +225,7 @@ def test_memory_init_from_patch_embedding_equals_pooled_patch_embed():
 def test_one_block_matches_reference(tmp_path):
   """Block 0 alone, with a per-token (history t=0 / noisy t) modulation as the model builds it."""
   ref_model, path = make_reference(tmp_path, "released_flags")
-  ours = tr.load_transformer(path, attention_impl="xla").module()
+  ours = tr.load_transformer(path, kernels=KERNELS_XLA).module()
   nnx = __import__("flax").nnx
   blk_ref = ref_model.blocks[0]
   g = torch.Generator().manual_seed(3)
@@ -285,7 +288,7 @@ def test_unknown_config_key_on_load(tmp_path):
 
 def test_bad_inputs_name_the_value(tmp_path):
   _, path = make_reference(tmp_path, "released_flags")
-  ours = tr.load_transformer(path, attention_impl="xla")
+  ours = tr.load_transformer(path, kernels=KERNELS_XLA)
   good = to_np(make_inputs(CONFIGS["released_flags"], 1))
   bad = dict(good, hidden_states=good["hidden_states"][:, :8])
   with pytest.raises(ValueError, match="8 channels"):
@@ -343,3 +346,31 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
   save_file(d, os.path.join(path, "diffusion_pytorch_model.safetensors"))
   with pytest.raises(checkpoint.CheckpointError, match="proj_out.weight"):
     tr.load_transformer(path)
+
+
+@pytest.mark.parametrize("name", ["released_flags", "flipped_flags"])
+def test_pallas_kernels_interpret_match_xla(tmp_path, name):
+  """Whole-DiT parity of the Pallas kernel path (interpret mode on CPU) with the XLA path."""
+  _, path = make_reference(tmp_path, name)
+  args = to_np(make_inputs(CONFIGS[name], 1))
+  xla = tr.load_transformer(path, kernels=KernelConfig("xla", "xla"))
+  pallas = tr.load_transformer(path, kernels=KernelConfig("pallas", "pallas", interpret=True))
+  assert rel_err(pallas(**args), xla(**args)) <= 1e-5
+  xla16 = tr.load_transformer(path, jnp.bfloat16, kernels=KernelConfig("xla", "xla"))
+  pal16 = tr.load_transformer(path, jnp.bfloat16,
+                              kernels=KernelConfig("pallas", "pallas", interpret=True))
+  a = np.asarray(xla16(**args).astype(jnp.float32))
+  b = np.asarray(pal16(**args).astype(jnp.float32))
+  assert rel_err(b, a) < 2e-2
+
+
+def test_explicit_pallas_without_gpu_raises(tmp_path):
+  from pallas_kernels.dispatch import ImplementationUnavailableError  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  _, path = make_reference(tmp_path, "released_flags")
+  model = tr.load_transformer(path, kernels=KernelConfig(attention="pallas"))
+  with pytest.raises(ImplementationUnavailableError, match="interpret=True"):
+    model(**to_np(make_inputs(CONFIGS["released_flags"], 1)))
+  with pytest.raises(ValueError, match="not in"):
+    KernelConfig(attention="flash")

@@ -1,8 +1,8 @@
 """Small building blocks shared by the Helios DiT: linear layers, norms, activations, timesteps.
 
-Precision conventions follow diffusers (spec architecture.md §3.9): LayerNorm statistics and
-modulation arithmetic in fp32, one rounding when the result is stored; matmuls in the parameter
-dtype with fp32 accumulation.
+Precision conventions follow diffusers (spec architecture.md §3.9): matmuls in the parameter
+dtype with fp32 accumulation and one rounding. Norm / RoPE / attention numerics live in
+`pallas_kernels.dispatch` (XLA references and Pallas kernels).
 """
 
 from __future__ import annotations
@@ -35,48 +35,19 @@ class Linear(nnx.Module):
     return y.astype(k.dtype)
 
 
-def layer_norm_f32(x: jax.Array, eps: float, weight=None, bias=None) -> jax.Array:
-  """torch `F.layer_norm` on an fp32 upcast: biased variance, returns fp32."""
-  x = x.astype(F32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  xc = x - mean
-  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-  y = xc * jax.lax.rsqrt(var + eps)
-  if weight is not None:
-    y = y * weight.astype(F32)
-  if bias is not None:
-    y = y + bias.astype(F32)
-  return y
+class NormWeight(nnx.Module):
+  """The learned scale of an RMSNorm (`weight` [D], model dtype); the op is in `dispatch`."""
 
-
-class FP32LayerNorm(nnx.Module):
-  """diffusers `FP32LayerNorm` with affine params (kept in fp32); returns fp32."""
-
-  def __init__(self, dim: int, eps: float):
-    self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), F32))
-    self.bias = nnx.Param(jnp.zeros((dim,), F32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm_f32(x, self.eps, self.weight[...], self.bias[...])
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """torch `nn.RMSNorm`: `cast(x_f32 * rsqrt(mean(x^2) + eps) * w_f32)`, one rounding."""
-  xf = x.astype(F32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (y * weight.astype(F32)).astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis with a learned weight (stored in the model dtype)."""
-
-  def __init__(self, dim: int, eps: float, *, dtype):
-    self.eps = eps
+  def __init__(self, dim: int, *, dtype):
     self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return rms_norm(x, self.weight[...], self.eps)
+
+class NormAffine(nnx.Module):
+  """Affine LayerNorm parameters kept in fp32 (diffusers `FP32LayerNorm` with affine)."""
+
+  def __init__(self, dim: int):
+    self.weight = nnx.Param(jnp.ones((dim,), F32))
+    self.bias = nnx.Param(jnp.zeros((dim,), F32))
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

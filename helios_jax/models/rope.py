@@ -3,7 +3,8 @@
 Spec: architecture.md §3.4. A token at (t, y, x) rotates channel pair p (channels 2p, 2p+1) by
 angle `pos_axis(p) * omega_p`; pairs [0, dt/2) use t, the next dy/2 use y, the last dx/2 use x.
 Tables are kept as one angle per pair: `cos`, `sin` of shape `[B, tokens, head_dim // 2]` (the
-reference stores each value twice, repeat-interleaved; both copies are always equal).
+reference stores each value twice, repeat-interleaved; both copies are always equal). Applying
+them to q/k is `pallas_kernels.dispatch.rms_norm_rope` (XLA reference or Pallas kernel).
 
 Compressed history tokens (mid: kernel 2, long: kernel 4) take the table of their fine grid,
 replicate-padded and *average-pooled on the cos/sin values* (not on positions).
@@ -87,21 +88,3 @@ def flatten_grid(table: jax.Array) -> jax.Array:
   """`[B, T, H, W, C]` -> `[B, T*H*W, C]` (row-major t, h, w: the token order)."""
   b, t, h, w, c = table.shape
   return table.reshape(b, t * h * w, c)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates channel pairs (2p, 2p+1) of each head; fp32 math, one rounding to x.dtype.
-
-  Args:
-    x: `[B, S, H, Dh]` queries or keys.
-    cos, sin: `[B, S, Dh // 2]` fp32.
-
-  Returns:
-    `[B, S, H, Dh]` in x.dtype.
-  """
-  b, s, h, d = x.shape
-  xf = x.astype(F32).reshape(b, s, h, d // 2, 2)
-  x1, x2 = xf[..., 0], xf[..., 1]
-  c, sn = cos[:, :, None, :], sin[:, :, None, :]
-  out = jnp.stack([x1 * c - x2 * sn, x1 * sn + x2 * c], axis=-1)
-  return out.reshape(b, s, h, d).astype(x.dtype)

@@ -31,6 +31,8 @@ from helios_jax.models import layers
 from helios_jax.models import memory
 from helios_jax.models import rope as rope_lib
 from helios_jax.models.attention import HeliosAttention
+from helios_jax.models.attention import KernelConfig
+from pallas_kernels import dispatch
 
 F32 = jnp.float32
 
@@ -101,17 +103,6 @@ class FeedForward(nnx.Module):
     return self.proj_out(layers.gelu_tanh(self.proj_in(x)))
 
 
-def _by_segment(a_hist: jax.Array, a_noisy: jax.Array, split: int, seq: int) -> jax.Array:
-  """Per-token rows: tokens [0, split) take `a_hist` `[B|1, D]`, the rest `a_noisy` `[B, D]`.
-
-  Returns a `[B, S|1, D]` value that XLA fuses into its consumer (no [B, S, D] copy).
-  """
-  if split == 0:
-    return a_noisy[:, None, :]
-  is_hist = (jnp.arange(seq) < split)[None, :, None]
-  return jnp.where(is_hist, a_hist[:, None, :], a_noisy[:, None, :])
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockContext:
   """Per-forward values shared by all blocks (closed over by the layer scan).
@@ -128,46 +119,60 @@ class BlockContext:
   mod_split: int    # leading tokens modulated with t = 0 (num_history or 0)
 
 
+def _rows(m_hist: jax.Array, m_noisy: jax.Array, i: int) -> jax.Array:
+  """Modulation row i as `[B, 2, D]`: row 0 for history tokens, row 1 for noisy tokens."""
+  h, n = m_hist[:, i], m_noisy[:, i]
+  h = jnp.broadcast_to(h, n.shape)
+  return jnp.stack([h, n], axis=1)
+
+
 class HeliosBlock(nnx.Module):
   """One DiT block: adaLN self-attention, guidance cross-attention, adaLN FFN (spec §3.7)."""
 
-  def __init__(self, cfg: HeliosTransformerConfig, *, dtype, rngs: nnx.Rngs, impl: str):
+  def __init__(self, cfg: HeliosTransformerConfig, *, dtype, rngs: nnx.Rngs,
+               kernels: KernelConfig):
     d = cfg.inner_dim
-    self.dtype = dtype
     self.eps = cfg.eps
+    self.kernels = kernels
     self.guidance_cross_attn = cfg.guidance_cross_attn
     self.scale_shift_table = nnx.Param(_table_init(rngs, (1, 6, d), d))
     self.attn1 = HeliosAttention(d, cfg.num_attention_heads, cfg.eps, dtype=dtype, rngs=rngs,
                                  is_amplify_history=cfg.is_amplify_history,
-                                 history_scale_mode=cfg.history_scale_mode, impl=impl)
+                                 history_scale_mode=cfg.history_scale_mode, kernels=kernels)
     self.attn2 = HeliosAttention(d, cfg.num_attention_heads, cfg.eps, dtype=dtype, rngs=rngs,
-                                 added_kv_proj_dim=cfg.added_kv_proj_dim, impl=impl)
-    self.norm2 = layers.FP32LayerNorm(d, cfg.eps) if cfg.cross_attn_norm else None
+                                 added_kv_proj_dim=cfg.added_kv_proj_dim, kernels=kernels)
+    self.norm2 = layers.NormAffine(d) if cfg.cross_attn_norm else None
     self.ffn = FeedForward(d, cfg.ffn_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
     """`x` `[B, S, D]` (model dtype) -> `[B, S, D]`."""
     dt = x.dtype
-    s = x.shape[1]
-    table = self.scale_shift_table[...][0]  # [6, D] fp32
+    kw = dict(eps=self.eps, **self.kernels.op_kwargs())
+    table = self.scale_shift_table[...]  # [1, 6, D] fp32
     mh, mn = ctx.mod_hist + table, ctx.mod_noisy + table
-    shift, scale, gate, c_shift, c_scale, c_gate = (
-        _by_segment(mh[:, i], mn[:, i], ctx.mod_split, s) for i in range(6))
+    split = ctx.mod_split
+    # Per-token gates: history tokens [0, split) use the t = 0 row.
+    is_hist = (jnp.arange(x.shape[1]) < split)[None, :, None]
+    gate = jnp.where(is_hist, mh[:, 2][:, None], mn[:, 2][:, None])
+    c_gate = jnp.where(is_hist, mh[:, 5][:, None], mn[:, 5][:, None])
 
     # (a) self-attention over all tokens.
-    h = (layers.layer_norm_f32(x, self.eps) * (1 + scale) + shift).astype(dt)
+    h = dispatch.layer_norm_modulate(x, _rows(mh, mn, 0), _rows(mh, mn, 1), num_history=split,
+                                     **kw)
     a = self.attn1(h, rope=ctx.rope, num_history=ctx.num_history)
     x = (x.astype(F32) + a.astype(F32) * gate).astype(dt)
 
     # (b) cross-attention to the text: noisy tokens only with guidance_cross_attn.
-    split = ctx.num_history if self.guidance_cross_attn else 0
-    xh, xn = x[:, :split], x[:, split:]
-    c = self.norm2(xn).astype(dt) if self.norm2 is not None else xn
+    n_skip = ctx.num_history if self.guidance_cross_attn else 0
+    xh, xn = x[:, :n_skip], x[:, n_skip:]
+    c = (dispatch.layer_norm(xn, self.norm2.weight[...], self.norm2.bias[...], **kw)
+         if self.norm2 is not None else xn)
     xn = xn + self.attn2(c, context=ctx.text)
-    x = jnp.concatenate([xh, xn], axis=1) if split else xn
+    x = jnp.concatenate([xh, xn], axis=1) if n_skip else xn
 
     # (c) feed-forward over all tokens.
-    h = (layers.layer_norm_f32(x, self.eps) * (1 + c_scale) + c_shift).astype(dt)
+    h = dispatch.layer_norm_modulate(x, _rows(mh, mn, 3), _rows(mh, mn, 4), num_history=split,
+                                     **kw)
     f = self.ffn(h)
     return (x.astype(F32) + f.astype(F32) * c_gate).astype(dt)
 
@@ -175,15 +180,17 @@ class HeliosBlock(nnx.Module):
 class OutputNorm(nnx.Module):
   """`norm_out`: non-affine LayerNorm modulated by (scale_shift_table + temb) rows (shift, scale)."""
 
-  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, kernels: KernelConfig):
     self.eps = eps
+    self.kernels = kernels
     self.scale_shift_table = nnx.Param(_table_init(rngs, (1, 2, dim), dim))
 
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
     """x `[B, N, D]`, temb `[B, D]` -> `[B, N, D]` in x.dtype."""
-    mod = self.scale_shift_table[...] + temb.astype(F32)[:, None, :]  # [B, 2, D]
-    shift, scale = mod[:, 0][:, None], mod[:, 1][:, None]
-    return (layers.layer_norm_f32(x, self.eps) * (1 + scale) + shift).astype(x.dtype)
+    mod = self.scale_shift_table[...] + temb.astype(F32)[:, None, :]  # [B, 2, D]: shift, scale
+    shift, scale = (jnp.broadcast_to(mod[:, i:i + 1], mod.shape) for i in (0, 1))
+    return dispatch.layer_norm_modulate(x, shift, scale, num_history=0, eps=self.eps,
+                                        **self.kernels.op_kwargs())
 
 
 class HeliosTransformer3DModel(nnx.Module):
@@ -193,12 +200,12 @@ class HeliosTransformer3DModel(nnx.Module):
     config: the model hyper-parameters.
     dtype: parameter/compute dtype (fp32-kept modules stay fp32, see `FP32_MODULES`).
     rngs: initialisation RNGs.
-    attention_impl: "xla" | "cudnn" | "pallas" | "auto" (see `attention.py`).
+    kernels: which implementation runs attention / norms / RoPE (`KernelConfig`).
     remat: per-block rematerialisation policy name in `REMAT_POLICIES` ("none" at inference).
   """
 
   def __init__(self, config: HeliosTransformerConfig, *, dtype=F32, rngs: nnx.Rngs,
-               attention_impl: str = "auto", remat: str = "none"):
+               kernels: KernelConfig = KernelConfig(), remat: str = "none"):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r} not in {sorted(REMAT_POLICIES)}")
     cfg = config
@@ -216,10 +223,10 @@ class HeliosTransformer3DModel(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers)
     def make_blocks(r: nnx.Rngs):
-      return HeliosBlock(cfg, dtype=dtype, rngs=r, impl=attention_impl)
+      return HeliosBlock(cfg, dtype=dtype, rngs=r, kernels=kernels)
 
     self.blocks = make_blocks(rngs)
-    self.norm_out = OutputNorm(d, cfg.eps, rngs)
+    self.norm_out = OutputNorm(d, cfg.eps, rngs, kernels)
     self.proj_out = layers.Linear(d, cfg.out_dim * math.prod(cfg.patch_size), dtype=dtype,
                                   rngs=rngs)
 
@@ -419,13 +426,13 @@ class TransformerSpec(checkpoint.ModelSpec):
   name = "transformer"
   config_cls = HeliosTransformerConfig
 
-  def __init__(self, attention_impl: str = "auto", remat: str = "none"):
-    self.attention_impl = attention_impl
+  def __init__(self, kernels: KernelConfig = KernelConfig(), remat: str = "none"):
+    self.kernels = kernels
     self.remat = remat
 
   def build(self, config, dtype, seed: int = 0):
     return HeliosTransformer3DModel(config, dtype=dtype, rngs=nnx.Rngs(seed),
-                                    attention_impl=self.attention_impl, remat=self.remat)
+                                    kernels=self.kernels, remat=self.remat)
 
   def key_map(self, config):
     return _torch_key_map
@@ -477,26 +484,34 @@ class HeliosTransformer:
     return self.forward(self.params, inputs)
 
 
-def load_transformer(path, dtype=None, *, attention_impl: str = "auto",
-                     remat: str = "none") -> HeliosTransformer:
+def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
+                     attention_impl: str | None = None, remat: str = "none") -> HeliosTransformer:
   """Loads a diffusers `transformer/` folder (safetensors, single or sharded) or our Orbax export.
 
   Args:
     path: the folder (holding `config.json`).
     dtype: parameter/compute dtype, e.g. `jnp.bfloat16` (None -> float32). The fp32-kept
       modules (`FP32_MODULES`) stay float32 either way, as in diffusers.
-    attention_impl: attention core, see `helios_jax.models.attention`.
+    kernels: op implementations (`KernelConfig`; default "auto" everywhere).
+    attention_impl: shorthand for `KernelConfig(attention=attention_impl)`.
     remat: rematerialisation policy (training).
   """
-  spec = TransformerSpec(attention_impl=attention_impl, remat=remat)
+  spec = TransformerSpec(_kernels(kernels, attention_impl), remat=remat)
   config, model = checkpoint.load_model(spec, path, dtype)
   return HeliosTransformer(config, model)
 
 
+def _kernels(kernels: KernelConfig | None, attention_impl: str | None) -> KernelConfig:
+  kernels = kernels or KernelConfig()
+  return dataclasses.replace(kernels, attention=attention_impl) if attention_impl else kernels
+
+
 def init_transformer(config: HeliosTransformerConfig, dtype=F32, seed: int = 0, *,
-                     attention_impl: str = "auto", remat: str = "none") -> HeliosTransformer:
+                     kernels: KernelConfig | None = None, attention_impl: str | None = None,
+                     remat: str = "none") -> HeliosTransformer:
   """A randomly initialised model (tiny demos, benchmarks with the 14B shapes)."""
-  model = TransformerSpec(attention_impl, remat).build(config, jnp.dtype(dtype), seed)
+  model = TransformerSpec(_kernels(kernels, attention_impl), remat).build(
+      config, jnp.dtype(dtype), seed)
   return HeliosTransformer(config, model)
 
 

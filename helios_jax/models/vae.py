@@ -296,16 +296,11 @@ def decode_latents(graphdef: nnx.GraphDef, params: nnx.State, latents: jax.Array
 
 
 def _decode_chunk(graphdef, params, latents, caches):
-  """decode_stream step: (frames [B, C, T, H, W], caches)."""
+  """`decode_latents` that also takes/returns the causal caches (None: start a sequence)."""
   model = nnx.merge(graphdef, params)
   _check_latents(model.config, latents)
   frames, caches = model.decode_frames(_to_channels_last(latents, model.dtype), caches)
   return _to_channels_first(frames), caches
-
-
-def encode_mean(graphdef: nnx.GraphDef, params: nnx.State, video: jax.Array) -> jax.Array:
-  """Posterior mean latents [B, z, T_lat, H/s, W/s] of video [B, C_in, T, H, W] (see above)."""
-  return encode_moments(graphdef, params, video)[0]
 
 
 def sample_posterior(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> jax.Array:
@@ -313,12 +308,26 @@ def sample_posterior(mean: jax.Array, logvar: jax.Array, noise: jax.Array) -> ja
   return mean + jnp.exp(0.5 * logvar) * noise.astype(mean.dtype)
 
 
-# Jitted with the graphdef static, so VAEs with the same config share compiled programs.
+# Jitted with the graphdef static, so VAEs with the same config share compiled programs. One
+# program per input shape serves encode/encode_fn (moments) and decode/decode_fn/decode_stream
+# (frames + caches); inside another jit the unused outputs are dropped.
 _encode_moments_jit = jax.jit(encode_moments, static_argnums=0)
-_encode_mean_jit = jax.jit(encode_mean, static_argnums=0)
-_decode_jit = jax.jit(decode_latents, static_argnums=0)
 _decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0)
 _sample_jit = jax.jit(sample_posterior)
+
+
+def _bind_encode_fn(graphdef):
+  def encode_fn(params: nnx.State, video: jax.Array) -> jax.Array:
+    """Posterior mean [B, z, T_lat, H/s, W/s] of video [B, C_in, T, H, W] (jitted)."""
+    return _encode_moments_jit(graphdef, params, video)[0]
+  return encode_fn
+
+
+def _bind_decode_fn(graphdef):
+  def decode_fn(params: nnx.State, latents: jax.Array) -> jax.Array:
+    """Video [B, C_out, T, H, W] in [-1, 1] from latents [B, z, T_lat, h, w] (jitted)."""
+    return _decode_chunk_jit(graphdef, params, latents, None)[0]
+  return decode_fn
 
 
 # ------------------------------------------------------------------------------------------
@@ -343,8 +352,8 @@ class WanVAE:
     self.dtype = model.dtype
     self.graphdef, self.params = nnx.split(model)
     self.encode_moments_fn = functools.partial(_encode_moments_jit, self.graphdef)
-    self.encode_fn = functools.partial(_encode_mean_jit, self.graphdef)
-    self.decode_fn = functools.partial(_decode_jit, self.graphdef)
+    self.encode_fn = _bind_encode_fn(self.graphdef)
+    self.decode_fn = _bind_decode_fn(self.graphdef)
     # Like the pipelines: fp32 mean and fp32 1/std, shaped [1, z, 1, 1, 1].
     self.latents_mean = jnp.asarray(
         np.asarray(config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1))
@@ -452,17 +461,20 @@ class WanVAESpec(checkpoint.ModelSpec):
 VAE_SPEC = WanVAESpec()
 
 
-def load_vae(path: str | os.PathLike, dtype: Any = None) -> WanVAE:
+def load_vae(path: str | os.PathLike, dtype: Any = None, *, device: Any = None) -> WanVAE:
   """Loads a diffusers `vae/` folder (safetensors) or our Orbax export of it.
 
   Args:
     path: folder with `config.json` and `*.safetensors` or `params/`.
     dtype: parameter and compute dtype (default float32, which the pipelines use).
+    device: `jax.Device` for the parameters (default: JAX's default device). Parameters are
+      always committed to it, so both checkpoint formats hit the same compiled programs.
 
   Returns:
     a `WanVAE`.
   """
-  config, model = checkpoint.load_model(VAE_SPEC, path, dtype)
+  device = jax.devices()[0] if device is None else device
+  config, model = checkpoint.load_model(VAE_SPEC, path, dtype, device=device)
   return WanVAE(config, model)
 
 

@@ -101,12 +101,9 @@ class CausalConv3d(nnx.Module):
       [B, T', H', W', C_out].
     """
     _, ph, pw = self.padding
-    if ph or pw:
-      x = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
-    kernel = self.kernel[...]
     y = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=self.stride, padding="VALID",
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        x, self.kernel[...].astype(x.dtype), window_strides=self.stride,
+        padding=((0, 0), (ph, ph), (pw, pw)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     return y + self.bias[...].astype(y.dtype)
 
   def __call__(self, x: jax.Array, cache: FeatCache) -> jax.Array:
@@ -148,10 +145,8 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x [N, H, W, C_in]. Returns [N, H', W', C_out]."""
-    if any(p for pair in self.padding for p in pair):
-      x = jnp.pad(x, ((0, 0),) + self.padding + ((0, 0),))
     y = jax.lax.conv_general_dilated(
-        x, self.kernel[...].astype(x.dtype), window_strides=self.stride, padding="VALID",
+        x, self.kernel[...].astype(x.dtype), window_strides=self.stride, padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + self.bias[...].astype(y.dtype)
 
