@@ -1,1 +1,22 @@
-"""helios-jax: a JAX/Flax NNX reimplementation of Helios, the real-time long-video DiT."""
+"""helios-jax: a JAX/Flax NNX reimplementation of Helios, the real-time long-video DiT.
+
+Top-level API (each loads a diffusers/transformers folder or our Orbax export):
+  load_transformer(path, dtype)   -> HeliosTransformer   (the DiT denoiser)
+  load_vae(path, dtype)           -> WanVAE              (Wan 2.1 causal video VAE)
+  load_text_encoder(path, dtype)  -> TextEncoder         (umT5-XXL encoder)
+  load_tokenizer(path), encode_prompt(prompts, tokenizer, text_encoder)
+"""
+
+from helios_jax.config import ConfigError
+from helios_jax.config import HeliosTransformerConfig
+from helios_jax.checkpoint import CheckpointError
+from helios_jax.models.attention import KernelConfig
+from helios_jax.models.text_encoder import load_text_encoder
+from helios_jax.models.text_encoder import TextEncoder
+from helios_jax.models.text_encoder import UMT5Config
+from helios_jax.models.transformer import HeliosTransformer
+from helios_jax.models.transformer import init_transformer
+from helios_jax.models.transformer import load_transformer
+from helios_jax.text import clean_prompt
+from helios_jax.text import encode_prompt
+from helios_jax.text import load_tokenizer

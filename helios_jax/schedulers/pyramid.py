@@ -203,13 +203,13 @@ def block_noise_cholesky(gamma: float = GAMMA, block_size: int = 4) -> np.ndarra
   Returns:
     [block_size, block_size] float64 lower-triangular L with L L^T = covariance.
   """
+  if not 0 < gamma or 1 - (block_size - 1) * gamma < 0:
+    raise ValueError(f"gamma={gamma} makes the {block_size}x{block_size} block covariance "
+                     f"indefinite (need 0 < gamma <= 1/{block_size - 1})")
   a = 1 + gamma
   out = np.zeros((block_size, block_size), np.float64)
   for k in range(block_size):
     d = a * (1 - k * gamma) / (1 - (k - 1) * gamma)
-    if d < 0:
-      raise ValueError(f"gamma={gamma} makes the {block_size}x{block_size} block covariance "
-                       "indefinite")
     out[k, k] = math.sqrt(d)
     if d > 0:
       off = -a * gamma / (1 - (k - 1) * gamma) / math.sqrt(d)
@@ -270,8 +270,11 @@ def stage_shift_seq_lens(num_frames: int, height: int, width: int,
 def downsample_2x(x: jax.Array) -> jax.Array:
   """Bilinear 0.5x resize (align_corners=False, no antialias) = exact 2x2 block mean.
 
-  Reproduces `F.interpolate(x, scale 1/2, mode="bilinear")` bit for bit: the weights are all
-  0.5, so the reference value is ((x00 + x01) + (x10 + x11)) / 4 with the same roundings.
+  All bilinear weights are 1/2 (exact scalings), so `F.interpolate(x, scale 1/2, "bilinear")`
+  is the block mean up to the summation order. This uses the order of PyTorch's CUDA kernel
+  (the reference GPU run), ((x00 + x01) + (x10 + x11)) / 4, bit for bit. PyTorch's CPU kernel
+  sums in another, channel-count-dependent order (e.g. x11, x10, x01, x00 for C = 16): a
+  difference of at most one fp32 ulp.
 
   Args:
     x: [B, T, H, W, C] latents, H and W even.
@@ -346,13 +349,14 @@ def block_noise_z_from_reference(z: jax.Array | np.ndarray, batch: int, channels
   return z.reshape(shape).transpose(0, 2, 3, 4, 1, 5)
 
 
-def block_noise(z: jax.Array, chol: jax.Array | np.ndarray = BLOCK_NOISE_L,
+def block_noise(z: jax.Array, chol: jax.Array | np.ndarray | None = None,
                 block: Sequence[int] = BLOCK) -> jax.Array:
   """Correlated block noise b = L z per spatial block (zero block mean for gamma = 1/3).
 
   Args:
     z: [B, T, h/ph, w/pw, C, ph*pw] fp32 standard normal draws.
-    chol: [ph*pw, ph*pw] lower-triangular factor (`BLOCK_NOISE_L` or a dumped CUDA factor).
+    chol: [ph*pw, ph*pw] lower-triangular factor (a dumped CUDA factor); None = the analytic
+      `block_noise_cholesky(GAMMA, ph*pw)` (`BLOCK_NOISE_L` for 2x2 blocks).
     block: (ph, pw).
 
   Returns:
@@ -362,6 +366,8 @@ def block_noise(z: jax.Array, chol: jax.Array | np.ndarray = BLOCK_NOISE_L,
   k = ph * pw
   if z.shape[-1] != k or z.ndim != 6:
     raise ValueError(f"block-noise z must be [B, T, h/{ph}, w/{pw}, C, {k}], got {z.shape}")
+  if chol is None:
+    chol = BLOCK_NOISE_L if k == 4 else block_noise_cholesky(GAMMA, k)
   chol = jnp.asarray(chol, jnp.float32)
   if chol.shape != (k, k):
     raise ValueError(f"Cholesky factor must be {k}x{k}, got {chol.shape}")
@@ -396,7 +402,7 @@ def renoise(upsampled: jax.Array, noise: jax.Array, alpha: float, beta: float) -
 
 def stage_transition(y: jax.Array, z: jax.Array, stage_index: int,
                      constants: PyramidConstants = HELIOS_PYRAMID,
-                     chol: jax.Array | np.ndarray = BLOCK_NOISE_L,
+                     chol: jax.Array | np.ndarray | None = None,
                      noise_dtype=jnp.bfloat16) -> jax.Array:
   """Start point of stage k >= 1 from stage k-1's output (upsample + block-noise renoise).
 
@@ -406,7 +412,8 @@ def stage_transition(y: jax.Array, z: jax.Array, stage_index: int,
       `block_noise_z_from_reference` for the reference's order); h, w are pre-upsample sizes.
     stage_index: k in 1..S-1 (static).
     constants: pyramid constants (alpha_k, beta_k).
-    chol: block-noise Cholesky factor.
+    chol: block-noise Cholesky factor (None = analytic `BLOCK_NOISE_L`; pass a dumped CUDA
+      factor for latent-level GPU parity).
     noise_dtype: transformer dtype the block noise is cast to before the blend.
 
   Returns:

@@ -3,8 +3,9 @@
 All step functions are pure `jax.numpy` functions of arrays and of one step's slice of a
 coefficient table from `tables.py`; the UniPC multistep history is a fixed-shape pytree, so a
 stage runs as one `jax.lax.scan`. Dtypes follow the reference: the sample stays fp32, the
-model output may be bf16 and `sigma * v` is then rounded to bf16 before x0 = x - sigma v is
-formed in fp32 (spec sampling.md §4.3, §10).
+model output may be bf16 and `sigma * v` is then formed in bf16 (sigma itself rounded to bf16,
+as PyTorch casts the 0-dim float64 sigma tensor to the output dtype) before x0 = x - sigma v
+is formed in fp32 (spec sampling.md §4.3, §10).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def euler_step(x: jax.Array, v: jax.Array, step: EulerTable) -> jax.Array:
   """
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return _numerics.round_to(
-      _numerics.binary(jnp.add, xf, _numerics.scale(step.sigma_delta, v)), v.dtype)
+      _numerics.binary(jnp.add, xf, _numerics.scale_by_tensor(step.sigma_delta, v)),
+      v.dtype)
 
 
 # ------------------------------------------------------------------------------------- UniPC
@@ -91,7 +93,7 @@ def unipc_step(state: UniPCState, x: jax.Array, v: jax.Array,
   if step.c_rk.shape[-1] != k - 1:
     raise ValueError(f"table solver order {step.c_rk.shape[-1] + 1} != history slots {k}")
   dt = x.dtype
-  m = _numerics.binary(jnp.subtract, x, _numerics.scale(step.sigma, v))
+  m = _numerics.binary(jnp.subtract, x, _numerics.scale_by_tensor(step.sigma, v))
   hist = state.model_outputs
   m_prev = hist[k - 1]
   corr = _history_sum(hist, m_prev, step.c_rk, step.c_rho, dt)
@@ -115,8 +117,9 @@ def dmd_step(x: jax.Array, v: jax.Array, start: jax.Array,
              step: DMDTable) -> tuple[jax.Array, jax.Array]:
   """One `HeliosDMDScheduler.step`: x0 estimate, then re-noise towards the stage start point.
 
-  The reference evaluates both lines in float64; here they run in float64 under
-  `jax_enable_x64`, else in float32 (one extra fp32 rounding before the final cast).
+  The reference evaluates both lines in float64 and rounds once (via float32) to the storage
+  dtype. Under `jax_enable_x64` this runs in float64; otherwise `_numerics.exact_affine`
+  reproduces the same rounded values with float32 arithmetic only.
 
   Args:
     x: [B, T, H, W, C] current sample (dtype of `start`).
@@ -129,12 +132,17 @@ def dmd_step(x: jax.Array, v: jax.Array, start: jax.Array,
     (x_next, x0): x_next = (1 - sigma_next) x0 + sigma_next P_k in the dtype of `start`
     (equal to x0 at the stage's last step); x0 = x - sigma v in the dtype of `v`.
   """
-  wd = _numerics.wide_dtype()
-  x0 = x.astype(wd) - jnp.asarray(step.sigma).astype(wd) * v.astype(wd)
-  x0 = _numerics.round_to(x0, v.dtype)
-  xn = (jnp.asarray(step.keep_next).astype(wd) * x0.astype(wd)
-        + jnp.asarray(step.sigma_next).astype(wd) * start.astype(wd))
-  return _numerics.round_to(xn, start.dtype), x0
+  if _numerics.wide_dtype() == jnp.float64:
+    f64 = jnp.float64
+    x0 = _numerics.round_to(
+        x.astype(f64) - jnp.asarray(step.sigma).astype(f64) * v.astype(f64), v.dtype)
+    xn = (jnp.asarray(step.keep_next).astype(f64) * x0.astype(f64)
+          + jnp.asarray(step.sigma_next).astype(f64) * start.astype(f64))
+    return _numerics.round_to(xn, start.dtype), x0
+  x0 = _numerics.exact_affine([(None, x), (-step.sigma_split, v)], v.dtype)
+  xn = _numerics.exact_affine([(step.keep_next_split, x0), (step.sigma_next_split, start)],
+                              start.dtype)
+  return xn, x0
 
 
 # ----------------------------------------------------------------------- per-stage scan loops
@@ -156,12 +164,13 @@ def run_euler(x: jax.Array, table: EulerTable, denoise: Denoise) -> jax.Array:
     [B, T, H, W, C] final sample (the model output dtype, as the reference).
   """
   out_dtype = jax.eval_shape(denoise, x, _first(table)).dtype
-  x = x.astype(out_dtype)
+  carry_dtype = jnp.promote_types(x.dtype, out_dtype)
 
   def body(x, step):
-    return euler_step(x, denoise(x, step), step), None
+    # each step returns the model dtype; the wider carry holds those values exactly
+    return euler_step(x, denoise(x, step), step).astype(carry_dtype), None
 
-  return jax.lax.scan(body, x, table)[0]
+  return jax.lax.scan(body, x.astype(carry_dtype), table)[0].astype(out_dtype)
 
 
 def run_unipc(x: jax.Array, table: UniPCTable, denoise: Denoise) -> jax.Array:

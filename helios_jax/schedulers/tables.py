@@ -17,6 +17,7 @@ from typing import Sequence
 import flax.struct
 import numpy as np
 
+from helios_jax.schedulers import _numerics
 from helios_jax.schedulers import pyramid
 from helios_jax.schedulers.config import SchedulerConfig
 
@@ -278,6 +279,10 @@ class DMDTable:
   sigma: np.ndarray  # [N] sigma looked up from trunc(t_i)
   sigma_next: np.ndarray  # [N] sigma looked up from trunc(t_{i+1}); 0 at the last step
   keep_next: np.ndarray  # [N] 1 - sigma_next (float64)
+  # float32 pieces of the three coefficients (for exact float64 emulation without x64)
+  sigma_split: np.ndarray  # [N, P]
+  sigma_next_split: np.ndarray  # [N, P]
+  keep_next_split: np.ndarray  # [N, P]
 
 
 def _common(schedule: Schedule) -> dict[str, np.ndarray]:
@@ -303,7 +308,11 @@ def _uni_coefficients(sig_t, sig_s0, sig_hist, order, bh1, flow, corrector):
   """Scalars of one UniP / UniC update (multistep_uni_{p,c}_bh_update, predict_x0)."""
   a_t, s_t = _alpha_sigma(sig_t, flow)
   a_s0, s_s0 = _alpha_sigma(sig_s0, flow)
-  lam = lambda a, s: np.log(a) - np.log(s)  # pylint: disable=unnecessary-lambda-assignment
+
+  def lam(a, s):
+    with np.errstate(divide="ignore"):  # sigma = 0 without flow sigmas: -inf, as the reference
+      return np.log(a) - np.log(s)
+
   lam_t, lam_s0 = lam(a_t, s_t), lam(a_s0, s_s0)
   h = lam_t - lam_s0
   rks = [(lam(*_alpha_sigma(si, flow)) - lam_s0) / h for si in sig_hist] + [1.0]
@@ -401,5 +410,11 @@ def dmd_table(schedule: Schedule) -> DMDTable:
 
   sigma = np.array([lookup(t) for t in ts])
   sigma_next = np.array([lookup(ts[i + 1]) if i < n - 1 else 0.0 for i in range(n)])
-  return DMDTable(**_common(schedule), sigma=sigma, sigma_next=sigma_next,
-                  keep_next=1 - sigma_next)
+  keep_next = 1 - sigma_next
+
+  def split(a):
+    return np.stack([_numerics.split_coefficient(c) for c in a])
+
+  return DMDTable(**_common(schedule), sigma=sigma, sigma_next=sigma_next, keep_next=keep_next,
+                  sigma_split=split(sigma), sigma_next_split=split(sigma_next),
+                  keep_next_split=split(keep_next))
