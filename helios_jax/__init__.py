@@ -20,3 +20,8 @@ from helios_jax.models.transformer import load_transformer
 from helios_jax.text import clean_prompt
 from helios_jax.text import encode_prompt
 from helios_jax.text import load_tokenizer
+from helios_jax.models.vae import init_vae
+from helios_jax.models.vae import load_vae
+from helios_jax.models.vae import WanVAE
+from helios_jax.models.vae import WanVAEConfig
+from helios_jax import schedulers

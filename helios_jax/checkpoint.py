@@ -377,7 +377,8 @@ class ModelSpec:
 
   Subclasses implement:
     config_cls: a `JsonConfig` dataclass type.
-    build(config, dtype, rngs_seed) -> nnx.Module   (random init; used under `nnx.eval_shape`)
+    build(config, dtype, seed) -> nnx.Module        (random init; seed is an int or a PRNG key;
+                                                     used under `nnx.eval_shape` / `init`)
     key_map(config) -> KeyMap                       (PyTorch key -> Flax path, layer index)
     stacked_len(config) -> int | None               (layers stacked on a leading axis)
 
@@ -401,6 +402,19 @@ class ModelSpec:
     """{alias torch key: canonical torch key} of tied tensors (see `ConversionPlan`)."""
     del config
     return {}
+
+  def init(self, config: Any, dtype: Any, seed: int = 0):
+    """A randomly initialised module, built by one jitted program (fast on any backend).
+
+    Uses an "rbg" PRNG key (cheap to compile); the values are for demos, tests and benchmarks
+    with random weights, not a cross-backend reproducible init.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    key = jax.random.key(seed, impl="rbg")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: self.build(config, dtype, key)))
+    state = jax.jit(lambda k: nnx.split(self.build(config, dtype, k))[1])(key)
+    return nnx.merge(graphdef, state)
 
   def read_config(self, folder: str):
     return self.config_cls.from_json(os.path.join(folder, self.config_cls.CONFIG_NAME))
@@ -456,6 +470,26 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
   return config, nnx.merge(graphdef, abstract_state)
 
 
+def _leaf_groups(plan: ConversionPlan, paths: Iterable[FlaxPath],
+                 max_bytes: int = 256 << 20) -> Iterator[dict[str, Any]]:
+  """Converted leaves batched into groups of <= max_bytes (or one leaf if larger).
+
+  Each group is one Orbax partial save, whose cost grows with the tree size, so small leaves
+  are batched; peak RAM stays below max_bytes plus the largest leaf.
+  """
+  group: dict[FlaxPath, np.ndarray] = {}
+  size = 0
+  for p in paths:
+    leaf = plan.load_leaf(p)
+    if group and size + leaf.nbytes > max_bytes:
+      yield _unflatten(group)
+      group, size = {}, 0
+    group[p] = leaf
+    size += leaf.nbytes
+  if group:
+    yield _unflatten(group)
+
+
 def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike,
                  dtype: Any = None, *, progress: bool = True, overwrite: bool = False) -> None:
   """Converts a safetensors component folder to `dst/config.json` + `dst/params/` (Orbax).
@@ -478,5 +512,23 @@ def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike
       raw_config = json.load(f)
     with open(os.path.join(tmp, spec.config_cls.CONFIG_NAME), "w") as f:
       json.dump(raw_config, f, indent=2, sort_keys=True)
-    groups = (_unflatten({p: plan.load_leaf(p)}) for p in paths)
-    save_params_streaming(os.path.join(tmp, PARAMS_DIR), groups)
+    save_params_streaming(os.path.join(tmp, PARAMS_DIR), _leaf_groups(plan, paths))
+
+
+def save_model(spec: ModelSpec, config: Any, model: Any, dst: str | os.PathLike, *,
+               overwrite: bool = False, **config_extra: Any) -> None:
+  """Writes an in-memory model as our export layout (`dst/config.json` + `dst/params/`).
+
+  Args:
+    spec: the component's `ModelSpec` (for the config file name).
+    config: the model config (a `JsonConfig`).
+    model: the NNX module (its parameters are saved as a plain dict).
+    dst: output folder (written atomically).
+    overwrite: replace an existing `dst`.
+    **config_extra: extra keys for config.json (e.g. `_class_name`).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  params = nnx.to_pure_dict(nnx.state(model))
+  with atomic_directory(dst, overwrite=overwrite) as tmp:
+    config.to_json(os.path.join(tmp, spec.config_cls.CONFIG_NAME), **config_extra)
+    save_params(os.path.join(tmp, PARAMS_DIR), params)

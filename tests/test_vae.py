@@ -25,7 +25,7 @@ CONFIGS = {
               temperal_downsample=[False, True, True],
               latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075],
               latents_std=[2.8184, 1.4541, 2.3275, 2.6558]),
-    "b": dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 3, 2], num_res_blocks=2,
+    "b": dict(base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 3, 2], num_res_blocks=2,
               temperal_downsample=[True, True, False], attn_scales=[3.0]),
 }
 
@@ -39,9 +39,10 @@ def rel_err(ours, ref):
 def _torch_vae(kwargs, seed):
   torch.manual_seed(seed)
   model = diffusers.AutoencoderKLWan(**kwargs).eval()
-  with torch.no_grad():  # gammas start at 1: perturb everything so each tensor matters
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  with torch.no_grad():  # norm gammas start at 1: perturb them so each one matters
+    for name, p in model.named_parameters():
+      if name.endswith("gamma"):
+        p.add_(0.3 * torch.randn_like(p))
   return model
 
 
@@ -105,9 +106,11 @@ def test_decode_stream_equals_decode(vaes):
   _, _, vae = vaes["a"]
   z = _latents(4, 9, seed=9).numpy()
   full = np.asarray(vae.decode(z))
-  pieces = [np.asarray(p) for p in vae.decode_stream(z, chunk=3)]
-  assert [p.shape[2] for p in pieces] == [9, 12, 12]
-  np.testing.assert_allclose(np.concatenate(pieces, axis=2), full, rtol=0, atol=1e-6)
+  pieces = [np.asarray(p) for p in vae.decode_stream(z, chunk=5)]  # latents 0-4, then 5-8
+  assert [p.shape[2] for p in pieces] == [17, 16]
+  np.testing.assert_array_equal(pieces[0], vae.decode(z[:, :, :5]))  # same compiled program
+  # Continuing from the carried caches equals the one-shot decode up to XLA fusion rounding.
+  assert rel_err(np.concatenate(pieces, axis=2), full) <= RTOL
   with pytest.raises(ValueError, match="chunk=0"):
     next(vae.decode_stream(z, chunk=0))
 
@@ -143,13 +146,14 @@ def test_jitted_pure_functions_compose(vaes):
   _, _, vae = vaes["a"]
   x = _video(1, seed=1).numpy()
 
-  @jax.jit
   def roundtrip(params, video):
     return vae.decode_fn(params, vae.denormalize(vae.normalize(vae.encode_fn(params, video))))
 
-  out = roundtrip(vae.params, x)
-  assert out.shape == (1, 3, 1, H, W)
-  np.testing.assert_allclose(out, vae.decode(vae.encode(x)), rtol=0, atol=1e-5)
+  # Traces inside an outer jit (eval_shape: no compile, the numbers are checked above).
+  out = jax.eval_shape(jax.jit(roundtrip), vae.params, x)
+  assert out.shape == (1, 3, 1, H, W) and out.dtype == jnp.float32
+  out = jax.eval_shape(jax.jit(vae.decode_fn), vae.params, jnp.zeros((2, 4, 9, 6, 10)))
+  assert out.shape == (2, 3, 33, 48, 80)
 
 
 def test_normalize_matches_pipeline_formula(vaes):
@@ -159,11 +163,26 @@ def test_normalize_matches_pipeline_formula(vaes):
   mean_t = torch.tensor(cfg["latents_mean"]).view(1, 4, 1, 1, 1)
   inv_t = 1.0 / torch.tensor(cfg["latents_std"]).view(1, 4, 1, 1, 1)
   np.testing.assert_array_equal(vae.normalize(z.numpy()), ((z - mean_t) * inv_t).numpy())
-  np.testing.assert_array_equal(vae.denormalize(z.numpy()), (z / inv_t + mean_t).numpy())
+  # XLA:CPU fp32 division may differ from IEEE (torch/numpy) by 1 ulp.
+  assert rel_err(vae.denormalize(z.numpy()), (z / inv_t + mean_t).numpy()) <= 1e-6
   with pytest.raises(ValueError, match=r"\(1, 3, 2, 3, 5\)"):
     vae.normalize(np.zeros((1, 3, 2, 3, 5), np.float32))
 
 
+def test_orbax_load_matches_safetensors(vaes, tmp_path):
+  _, folder, vae = vaes["a"]
+  dst = tmp_path / "vae_orbax"
+  dst.mkdir()
+  (dst / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+  checkpoint.save_params(str(dst / "params"), nnx.to_pure_dict(vae.params))
+  loaded = vae_lib.load_vae(dst)
+  for a, b in zip(jax.tree.leaves(vae.params), jax.tree.leaves(loaded.params)):
+    np.testing.assert_array_equal(a, b)
+  z = _latents(4, 9, seed=9).numpy()
+  np.testing.assert_array_equal(loaded.decode(z), vae.decode(z))
+
+
+@pytest.mark.slow  # export_model writes one Orbax partial save per tensor (~194 here)
 def test_orbax_export_roundtrip(vaes, tmp_path):
   _, folder, vae = vaes["a"]
   dst = tmp_path / "vae_orbax"
@@ -182,30 +201,57 @@ def test_orbax_export_roundtrip(vaes, tmp_path):
     checkpoint.export_model(vae_lib.VAE_SPEC, folder, dst, progress=False)
 
 
-def test_bfloat16_dtype(vaes):
+def test_bfloat16_params(vaes):
   _, folder, vae = vaes["a"]
+  assert {x.dtype for x in jax.tree.leaves(vae.params)} == {jnp.dtype(jnp.float32)}
   vae16 = vae_lib.load_vae(folder, dtype=jnp.bfloat16)
   assert {x.dtype for x in jax.tree.leaves(vae16.params)} == {jnp.dtype(jnp.bfloat16)}
-  z = _latents(4, 1, seed=1).numpy()
-  out = vae16.decode(z)
+  out = jax.eval_shape(vae16.decode_fn, vae16.params, jnp.zeros((1, 4, 5, 3, 5)))
   assert out.dtype == jnp.bfloat16
-  assert rel_err(np.asarray(out, np.float32), vae.decode(z)) < 5e-2
+
+
+@pytest.mark.slow
+def test_bfloat16_decode_close_to_fp32(vaes):
+  model, folder, vae = vaes["a"]
+  vae16 = vae_lib.load_vae(folder, dtype=jnp.bfloat16)
+  z = _latents(4, 1, seed=1)
+  out = vae16.decode(z.numpy())
+  assert out.dtype == jnp.bfloat16
+  with torch.no_grad():
+    ref16 = model.to(torch.bfloat16).decode(z.to(torch.bfloat16)).sample.float().numpy()
+    model.to(torch.float32)
+  ref32 = np.asarray(vae.decode(z.numpy()))
+  # Our bf16 error is of the same size as diffusers' own bf16 error.
+  assert rel_err(np.asarray(out, np.float32), ref32) <= 2 * rel_err(ref16, ref32) + 1e-2
+
+
+@pytest.mark.slow
+def test_batch_of_two_parity(vaes):
+  model, _, vae = vaes["b"]
+  x = _video(5, seed=3, b=2)
+  z = _latents(6, 2, seed=4, b=2)
+  with torch.no_grad():
+    ref_mean = model.encode(x).latent_dist.mean.numpy()
+    ref_video = model.decode(z).sample.numpy()
+  assert rel_err(vae.encode(x.numpy()), ref_mean) <= RTOL
+  assert rel_err(vae.decode(z.numpy()), ref_video) <= RTOL
 
 
 @pytest.mark.slow
 def test_temporal_factor_two_parity(tmp_path):
-  kwargs = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                temperal_downsample=[True, False, False])
+  # 3 levels: 4x spatial; one temporal downsample: 4-frame chunks -> 2 latent frames.
+  kwargs = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                temperal_downsample=[True, False])
   model = _torch_vae(kwargs, seed=7)
   model.save_pretrained(tmp_path)
   vae = vae_lib.load_vae(tmp_path)
-  assert vae.config.temporal_factor == 2
+  assert (vae.config.spatial_factor, vae.config.temporal_factor) == (4, 2)
   x = _video(9, seed=2)
   with torch.no_grad():
     ref_mean = model.encode(x).latent_dist.mean
     ref_video = model.decode(ref_mean).sample.numpy()
   ours = vae.encode(x.numpy())
-  assert ours.shape == (1, 4, 5, H // 8, W // 8)
+  assert ours.shape == (1, 4, 5, H // 4, W // 4)
   assert rel_err(ours, ref_mean.numpy()) <= RTOL
   assert rel_err(vae.decode(ref_mean.numpy()), ref_video) <= RTOL
 

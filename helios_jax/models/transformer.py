@@ -231,13 +231,19 @@ class HeliosTransformer3DModel(nnx.Module):
                                   rngs=rngs)
 
   def _run_blocks(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
-    def step(h, block):
-      return block(h, ctx)
+    """All blocks as one `jax.lax.scan` over the stacked block state (one compiled block).
 
-    policy = REMAT_POLICIES[self.remat]
+    A plain lax.scan over `nnx.split(self.blocks)` (rather than `nnx.scan`) keeps the model
+    usable inside other JAX loops, e.g. the sampler's `lax.scan` over denoising steps.
+    """
+    graphdef, state = nnx.split(self.blocks)
+
+    def step(h, layer_state):
+      return nnx.merge(graphdef, layer_state)(h, ctx), None
+
     if self.remat != "none":
-      step = nnx.remat(step, policy=policy)
-    return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    return jax.lax.scan(step, x, state)[0]
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states=None,
                indices_latents_history_short=None, indices_latents_history_mid=None,
@@ -510,7 +516,7 @@ def init_transformer(config: HeliosTransformerConfig, dtype=F32, seed: int = 0, 
                      kernels: KernelConfig | None = None, attention_impl: str | None = None,
                      remat: str = "none") -> HeliosTransformer:
   """A randomly initialised model (tiny demos, benchmarks with the 14B shapes)."""
-  model = TransformerSpec(_kernels(kernels, attention_impl), remat).build(
+  model = TransformerSpec(_kernels(kernels, attention_impl), remat).init(
       config, jnp.dtype(dtype), seed)
   return HeliosTransformer(config, model)
 

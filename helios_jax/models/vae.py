@@ -481,4 +481,4 @@ def load_vae(path: str | os.PathLike, dtype: Any = None, *, device: Any = None) 
 def init_vae(config: WanVAEConfig, dtype: Any = None, seed: int = 0) -> WanVAE:
   """A randomly initialized VAE (PyTorch default init), e.g. for benchmarks."""
   dtype = jnp.float32 if dtype is None else dtype
-  return WanVAE(config, VAE_SPEC.build(config, jnp.dtype(dtype), seed))
+  return WanVAE(config, VAE_SPEC.init(config, jnp.dtype(dtype), seed))
