@@ -1,0 +1,111 @@
+"""Embedded tiny pipelines: random-weight Helios pipelines small enough for a CPU.
+
+`write_tiny_pipeline(dst, model="distilled")` writes a complete pipeline folder in our export
+layout (the same one `python -m helios_jax.convert` produces for the released checkpoints):
+
+  dst/model_index.json               pipeline class and flags (is_distilled, is_cfg_zero_star)
+  dst/scheduler/scheduler_config.json
+  dst/transformer/{config.json, params/}   tiny DiT (every structural flag of the 14B model)
+  dst/vae/{config.json, params/}           tiny Wan VAE (z_dim 16, 8x spatial, 4x temporal)
+  dst/text_encoder/{config.json, params/}  tiny umT5
+  dst/tokenizer/                            a unigram tokenizer trained on a built-in corpus
+
+so `Pipeline.from_pretrained(dst)` exercises exactly the loading path of a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+
+from helios_jax import checkpoint
+from helios_jax.config import HeliosTransformerConfig
+
+MODELS = ("base", "mid", "distilled")
+
+# Scheduler configs as the released checkpoints are understood (sampling.md §4, §12).
+SCHEDULERS = {
+    "base": {"_class_name": "HeliosScheduler", "stages": 1, "scheduler_type": "unipc",
+             "use_dynamic_shifting": True, "time_shift_type": "exponential"},
+    "mid": {"_class_name": "HeliosScheduler", "stages": 3, "scheduler_type": "unipc",
+            "use_dynamic_shifting": True, "time_shift_type": "linear"},
+    "distilled": {"_class_name": "HeliosDMDScheduler", "stages": 3,
+                  "use_dynamic_shifting": True, "time_shift_type": "linear"},
+}
+PIPELINE_CLASS = {"base": "HeliosPipeline", "mid": "HeliosPyramidPipeline",
+                  "distilled": "HeliosPyramidPipeline"}
+
+TOKENIZER_CORPUS = (
+    "A cat walks on the grass in the morning sun.",
+    "A drone shot over a snowy mountain range at dusk, cinematic lighting.",
+    "Close-up of a chef chopping vegetables in a small kitchen.",
+    "Waves crash against dark rocks; slow motion, golden hour.",
+    "A train window time-lapse of fields, towns and rivers passing by.",
+    "Bright tones, overexposed, static, blurred details, subtitles, worst quality.",
+)
+
+
+def tiny_tokenizer():
+  """A ~96-piece unigram tokenizer (pad id 0, eos id 1 appended) as a transformers tokenizer."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.Unigram())
+  tok.normalizer = tokenizers.normalizers.NFKC()
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  tok.decoder = tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.UnigramTrainer(
+      vocab_size=96, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+      show_progress=False)
+  tok.train_from_iterator(list(TOKENIZER_CORPUS) * 3, trainer)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_configs():
+  """(transformer, vae, text encoder) configs of the tiny pipeline."""
+  from helios_jax.models.text_encoder import UMT5Config  # pylint: disable=g-import-not-at-top
+  from helios_jax.models.vae import WanVAEConfig  # pylint: disable=g-import-not-at-top
+  text = UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=32)
+  dit = HeliosTransformerConfig.from_preset("tiny").replace(text_dim=text.d_model)
+  vae = WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+  return dit, vae, text
+
+
+def write_tiny_pipeline(dst: str | os.PathLike, model: str = "distilled", seed: int = 0, *,
+                        overwrite: bool = False) -> str:
+  """Writes a random tiny Helios pipeline folder (see module docstring); returns its path."""
+  from helios_jax.models.text_encoder import TEXT_ENCODER_SPEC  # pylint: disable=g-import-not-at-top
+  from helios_jax.models.transformer import TRANSFORMER_SPEC  # pylint: disable=g-import-not-at-top
+  from helios_jax.models.vae import VAE_SPEC  # pylint: disable=g-import-not-at-top
+  if model not in MODELS:
+    raise ValueError(f"model={model!r} must be one of {MODELS}")
+  dst = os.fspath(dst)
+  dit_cfg, vae_cfg, text_cfg = tiny_configs()
+  with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
+    for name, spec, cfg, extra in (
+        ("transformer", TRANSFORMER_SPEC, dit_cfg, {"_class_name": "HeliosTransformer3DModel"}),
+        ("vae", VAE_SPEC, vae_cfg, {"_class_name": "AutoencoderKLWan"}),
+        ("text_encoder", TEXT_ENCODER_SPEC, text_cfg,
+         {"architectures": ["UMT5EncoderModel"], "model_type": "umt5"})):
+      module = spec.init(cfg, jnp.float32, seed)
+      checkpoint.save_model(spec, cfg, module, os.path.join(tmp, name), **extra)
+    tiny_tokenizer().save_pretrained(os.path.join(tmp, "tokenizer"))
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump(SCHEDULERS[model], f, indent=2)
+    index = {"_class_name": PIPELINE_CLASS[model],
+             "transformer": ["diffusers", "HeliosTransformer3DModel"],
+             "vae": ["diffusers", "AutoencoderKLWan"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+             "scheduler": ["diffusers", SCHEDULERS[model]["_class_name"]]}
+    if model != "base":
+      index.update(is_distilled=model == "distilled", is_cfg_zero_star=model == "mid")
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+  return dst

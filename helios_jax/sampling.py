@@ -1,0 +1,324 @@
+"""Chunked autoregressive sampling with static-shape history (spec sampling.md §2-§5, §9).
+
+One chunk = 9 latent frames (33 pixel frames). Every chunk reads a fixed-size history — the
+last 19 latent frames (split long 16 / mid 2 / newest 1) plus a one-frame anchor — so the
+transformer sees the same shapes and RoPE indices for every chunk and each sampler compiles
+once:
+
+  HistoryState.latents  [B, 19, h, w, C] fp32   oldest first; the newest frame is the 1x slot
+  HistoryState.anchor   [B, 1, h, w, C]  fp32   first-frame anchor (RoPE t = 0)
+
+`sample_chunk` denoises one chunk (Base: single-resolution UniPC; Mid: 3-stage pyramid +
+UniPC; Distilled: 3-stage pyramid + DMD) and `advance` shifts the chunk into the history. Both
+are pure functions of arrays; every random draw is an argument (`ChunkNoise`) so tests can
+replay the PyTorch reference's draws. Latents are channels-last `[B, T, h, w, C]` throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from helios_jax import schedulers as hs
+from helios_jax.models.memory import HistoryInputs
+
+F32 = jnp.float32
+HISTORY_SIZES = (16, 2, 1)      # long, mid, newest ("1x"); sorted descending as the reference
+CHUNK_LATENT_FRAMES = 9         # 33 pixel frames
+NUM_HISTORY_FRAMES = sum(HISTORY_SIZES)
+
+
+def rope_indices(history_sizes=HISTORY_SIZES, chunk=CHUNK_LATENT_FRAMES) -> dict[str, np.ndarray]:
+  """The constant, chunk-relative RoPE frame indices: anchor 0, long 1..16, mid 17..18,
+  newest 19 (short = [0, 19]), noisy 20..28."""
+  long_n, mid_n, one_n = history_sizes
+  idx = np.arange(1 + long_n + mid_n + one_n + chunk)
+  cuts = np.cumsum([1, long_n, mid_n, one_n])
+  prefix, long_i, mid_i, one_i, noisy = np.split(idx, cuts)
+  return {"noisy": noisy, "short": np.concatenate([prefix, one_i]), "mid": mid_i,
+          "long": long_i}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Everything static about sampling one chunk (hashable: a jit static argument).
+
+  Attributes:
+    scheduler: the checkpoint's scheduler config (UniPC/Euler `HeliosSchedulerConfig` or
+      `HeliosDMDSchedulerConfig`).
+    pyramid: True for `HeliosPyramidPipeline` (Mid, Distilled), False for `HeliosPipeline`.
+    steps: (N,) for Base, steps per stage for the pyramid ((20, 20, 20) Mid, (2, 2, 2) DMD).
+    guidance: 'none' | 'cfg' | 'cfg_zero_star' (see `schedulers.guidance_mode`).
+    guidance_scale: w.
+    use_zero_init, zero_steps: CFG-Zero* zero-init (stage 0 steps <= zero_steps).
+    amplify_first_chunk: DMD doubles every stage's steps for chunk 0.
+    latent_height, latent_width: full-resolution latent size (H/8, W/8).
+    patch_size: transformer patch (for the dynamic-shift sequence length).
+    block_noise_chol: 4x4 block-noise factor as nested tuples (None = analytic).
+    base_sigmas: Base only: custom sigma table (None = linspace(0.999, 0, N+1)[:-1]).
+  """
+
+  scheduler: Any
+  pyramid: bool
+  steps: tuple[int, ...]
+  guidance: str = "none"
+  guidance_scale: float = 1.0
+  use_zero_init: bool = True
+  zero_steps: int = 1
+  amplify_first_chunk: bool = False
+  latent_height: int = 48
+  latent_width: int = 80
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  block_noise_chol: tuple[tuple[float, ...], ...] | None = None
+  base_sigmas: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if self.guidance not in ("none", "cfg", "cfg_zero_star"):
+      raise ValueError(f"guidance={self.guidance!r} must be 'none', 'cfg' or 'cfg_zero_star'")
+    if any(int(s) < 1 for s in self.steps):
+      raise ValueError(f"steps={self.steps} must all be >= 1")
+    if self.pyramid:
+      if len(self.steps) != self.scheduler.stages:
+        raise ValueError(f"pyramid steps {self.steps} need one entry per scheduler stage "
+                         f"(stages={self.scheduler.stages})")
+      f = 2 ** (len(self.steps) - 1)
+      if self.latent_height % (2 * f) or self.latent_width % (2 * f):
+        raise ValueError(
+            f"latent size {self.latent_height}x{self.latent_width} must be divisible by "
+            f"{2 * f} for a {len(self.steps)}-stage pyramid (pixel height/width by {16 * f})")
+    else:
+      if len(self.steps) != 1:
+        raise ValueError(f"single-resolution sampling takes one step count, got {self.steps}")
+      if self.scheduler.solver == "dmd":
+        raise ValueError("a DMD scheduler needs the pyramid sampler")
+    if self.guidance == "cfg_zero_star" and not self.pyramid:
+      raise ValueError("CFG-Zero* exists only in the pyramid sampler (as in the reference)")
+
+  @property
+  def is_dmd(self) -> bool:
+    return self.scheduler.solver == "dmd"
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.steps) if self.pyramid else 1
+
+  def amplified(self, first_chunk: bool) -> bool:
+    return bool(first_chunk and self.amplify_first_chunk and self.is_dmd)
+
+  def num_model_calls(self, first_chunk: bool) -> int:
+    n = sum(self.steps) * (2 if self.amplified(first_chunk) else 1)
+    return n * (2 if self.guidance != "none" else 1)
+
+  def stage_sizes(self) -> list[tuple[int, int]]:
+    """Noisy latent (h, w) of every stage (coarse to fine)."""
+    n = self.num_stages
+    return [(self.latent_height >> (n - 1 - k), self.latent_width >> (n - 1 - k))
+            for k in range(n)]
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(sc: SamplerConfig, amplify: bool):
+  """Per-stage (schedule, step table, zero-init mask), host numpy (cached per config)."""
+  h, w = sc.latent_height, sc.latent_width
+  if not sc.pyramid:
+    sig = None if sc.base_sigmas is None else np.asarray(sc.base_sigmas, np.float64)
+    schedules = [hs.base_schedule(sc.scheduler, sc.steps[0], CHUNK_LATENT_FRAMES, h, w,
+                                  sc.patch_size, sigmas=sig)]
+  else:
+    schedules = hs.pyramid_schedules(sc.scheduler, sc.steps, CHUNK_LATENT_FRAMES, h, w,
+                                     sc.patch_size, amplify=amplify)
+  out = []
+  for k, sched in enumerate(schedules):
+    solver = sc.scheduler.solver
+    if solver == "dmd":
+      table = hs.dmd_table(sched)
+    elif solver == "unipc":
+      table = hs.unipc_table(sc.scheduler, sched)
+    else:
+      table = hs.euler_table(sched)
+    zero = hs.zero_init_mask(sched.num_steps, k if sc.pyramid else None, sc.zero_steps,
+                             sc.use_zero_init and sc.guidance == "cfg_zero_star")
+    out.append((sched, table, zero))
+  return out
+
+
+def schedules(sc: SamplerConfig, first_chunk: bool = False):
+  """The per-stage `Schedule`s a chunk uses (for display and tests)."""
+  return [s for s, _, _ in _tables(sc, sc.amplified(first_chunk))]
+
+
+@flax.struct.dataclass
+class HistoryState:
+  """The fixed-size autoregressive memory (normalized latents, channels-last).
+
+  latents: `[B, 19, h, w, C]` fp32, oldest first.
+  anchor: `[B, 1, h, w, C]` fp32 first-frame anchor (zeros until set for T2V).
+  """
+
+  latents: jax.Array
+  anchor: jax.Array
+
+
+def empty_history(batch: int, height: int, width: int, channels: int = 16) -> HistoryState:
+  """T2V start: 19 zero frames and a zero anchor."""
+  z = jnp.zeros((batch, NUM_HISTORY_FRAMES, height, width, channels), F32)
+  return HistoryState(latents=z, anchor=jnp.zeros_like(z[:, :1]))
+
+
+@flax.struct.dataclass
+class ChunkNoise:
+  """All random draws of one chunk (diffusers order: eps, then one block draw per transition).
+
+  eps: `[B, 9, h, w, C]` fp32 full-resolution standard normal (the reference's per-chunk randn).
+  block: per pyramid transition k = 1..S-1, `[B, 9, h_k/2, w_k/2, C, 4]` fp32 standard normal
+    (`h_k` is stage k's latent height; convert reference draws with
+    `schedulers.block_noise_z_from_reference`). Empty for Base.
+  """
+
+  eps: jax.Array
+  block: tuple[jax.Array, ...] = ()
+
+
+def draw_chunk_noise(rng: jax.Array, sc: SamplerConfig, batch: int,
+                     channels: int = 16) -> ChunkNoise:
+  """Fresh `ChunkNoise` from a JAX PRNG key (same shapes and order as the reference)."""
+  keys = jax.random.split(rng, sc.num_stages)
+  eps = jax.random.normal(keys[0], (batch, CHUNK_LATENT_FRAMES, sc.latent_height,
+                                    sc.latent_width, channels), F32)
+  block = tuple(
+      jax.random.normal(keys[k], (batch, CHUNK_LATENT_FRAMES, h // 2, w // 2, channels, 4), F32)
+      for k, (h, w) in enumerate(sc.stage_sizes()) if k > 0)
+  return ChunkNoise(eps=eps, block=block)
+
+
+def history_inputs(state: HistoryState, batch_repeat: int = 1) -> HistoryInputs:
+  """Transformer history groups from the state: long 16, mid 2, short = [anchor, newest]."""
+  lat = state.latents
+  n_long, n_mid, _ = HISTORY_SIZES
+  long_, mid = lat[:, :n_long], lat[:, n_long:n_long + n_mid]
+  short = jnp.concatenate([state.anchor, lat[:, n_long + n_mid:]], axis=1)
+  idx = rope_indices()
+  b = lat.shape[0] * batch_repeat
+  rep = lambda a: jnp.concatenate([a] * batch_repeat, axis=0) if batch_repeat > 1 else a
+  ib = lambda i: jnp.broadcast_to(jnp.asarray(i, jnp.int32)[None], (b, len(i)))
+  return HistoryInputs(short=rep(short), mid=rep(mid), long=rep(long_),
+                       idx_short=ib(idx["short"]), idx_mid=ib(idx["mid"]),
+                       idx_long=ib(idx["long"]))
+
+
+def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
+                 first_chunk: bool, text: jax.Array,
+                 neg_text: jax.Array | None, state: HistoryState, noise: ChunkNoise,
+                 chol: jax.Array | None = None) -> jax.Array:
+  """Denoises one chunk (pure; call inside jit with `sc` and `first_chunk` static).
+
+  Args:
+    graphdef, params: `nnx.split` of a `HeliosTransformer3DModel` (merged inside each step).
+    sc: the sampler config.
+    first_chunk: chunk 0 (DMD amplification).
+    text: `[B, L, text_dim]` prompt embeddings (model dtype).
+    neg_text: `[B, L, text_dim]` negative embeddings (required when guidance is on).
+    state: the history read by this chunk.
+    noise: this chunk's draws.
+    chol: optional `[4, 4]` block-noise factor overriding `sc.block_noise_chol`.
+
+  Returns:
+    `[B, 9, h, w, C]` chunk latents: fp32 (UniPC/Euler) or the model dtype (DMD), exactly the
+    values the reference appends to its history.
+  """
+  dt = nnx.merge(graphdef, params).dtype
+  b = state.latents.shape[0]
+  cfg_on = sc.guidance != "none"
+  if cfg_on and neg_text is None:
+    raise ValueError(f"guidance={sc.guidance!r} needs negative prompt embeddings")
+  reps = 2 if cfg_on else 1
+  hist = history_inputs(state, reps)
+  hist = dataclasses.replace(hist, short=hist.short.astype(dt), mid=hist.mid.astype(dt),
+                             long=hist.long.astype(dt))
+  txt = jnp.concatenate([text, neg_text], axis=0) if cfg_on else text
+  txt = txt.astype(dt)
+  noisy_idx = jnp.broadcast_to(jnp.asarray(rope_indices()["noisy"], jnp.int32)[None],
+                               (b * reps, CHUNK_LATENT_FRAMES))
+  if chol is None and sc.block_noise_chol is not None:
+    chol = jnp.asarray(sc.block_noise_chol, F32)
+
+  def make_denoise(zero_mask):
+    zero_mask = jnp.asarray(zero_mask)
+
+    def denoise(x, step):
+      xb = x.astype(dt)
+      t = step.model_timestep if sc.pyramid else step.timestep
+      if cfg_on:
+        xb = jnp.concatenate([xb, xb], axis=0)
+      model = nnx.merge(graphdef, params)
+      v = model.forward_channels_last(xb, t, txt, noisy_idx, hist)
+      if not cfg_on:
+        return v
+      vc, vu = v[:b], v[b:]
+      if sc.guidance == "cfg_zero_star":
+        return hs.cfg_zero_star(vc, vu, sc.guidance_scale, zero_mask[step.index])
+      return hs.cfg(vc, vu, sc.guidance_scale)
+
+    return denoise
+
+  stages = _tables(sc, sc.amplified(first_chunk))
+  if not sc.pyramid:
+    _, table, zero = stages[0]
+    run = hs.run_unipc if sc.scheduler.solver == "unipc" else hs.run_euler
+    return run(noise.eps, table, make_denoise(zero))
+
+  x = hs.noise_pyramid_start(noise.eps, sc.num_stages)
+  for k, (_, table, zero) in enumerate(stages):
+    if k:
+      x = hs.stage_transition(x, noise.block[k - 1], k, hs.pyramid.constants_for(sc.scheduler),
+                              chol=chol, noise_dtype=dt)
+    if sc.is_dmd:
+      x = hs.run_dmd(x, table, make_denoise(zero))
+    elif sc.scheduler.solver == "unipc":
+      x = hs.run_unipc(x, table, make_denoise(zero))
+    else:
+      x = hs.run_euler(x, table, make_denoise(zero))
+  return x
+
+
+def advance(state: HistoryState, chunk: jax.Array, set_anchor: jax.Array | bool) -> HistoryState:
+  """Appends a finished chunk to the history (keeping the last 19 frames).
+
+  Args:
+    state: the history before the chunk.
+    chunk: `[B, 9, h, w, C]` chunk latents (any float dtype; stored fp32 like the reference's
+      concatenation).
+    set_anchor: (traced) bool: the anchor becomes the chunk's first latent frame (T2V after
+      chunk 0; with `is_skip_first_chunk` also after chunk 1).
+
+  Returns:
+    The new state.
+  """
+  chunk = chunk.astype(F32)
+  latents = jnp.concatenate([state.latents, chunk], axis=1)[:, -NUM_HISTORY_FRAMES:]
+  anchor = jnp.where(set_anchor, chunk[:, :1], state.anchor)
+  return HistoryState(latents=latents, anchor=anchor)
+
+
+def set_anchor_flag(chunk_index: int, anchor_given: bool, skip_first_chunk: bool) -> bool:
+  """Whether `advance` replaces the anchor after chunk `chunk_index` (reference rule)."""
+  return bool((chunk_index == 0 and not anchor_given) or (skip_first_chunk and chunk_index == 1))
+
+
+def num_chunks(num_frames: int) -> int:
+  """K = max(1, ceil(num_frames / 33))."""
+  window = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
+  return max(1, -(-int(num_frames) // window))
+
+
+def output_frames(k: int) -> int:
+  """Frames kept from K decoded chunks: floor((33K - 1) / 4) * 4 + 1."""
+  total = k * ((CHUNK_LATENT_FRAMES - 1) * 4 + 1)
+  return (total - 1) // 4 * 4 + 1
