@@ -23,7 +23,7 @@ test-deps: $(VENV)/.test-installed
 
 # Runs the main job on the embedded tiny default model (no download needed).
 demo: venv
-	$(BIN)/python -m helios_jax.demo
+	$(BIN)/python -m helios_jax.generate --out outputs/demo.mp4
 
 # Whole test suite (pytest exit code 5 = "no tests collected" is not a failure).
 test: test-deps
