@@ -93,6 +93,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> s
   os.close(fd)
   try:
     iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

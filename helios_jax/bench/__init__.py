@@ -6,8 +6,10 @@ from helios_jax.bench.video_io import VideoReadError, iter_frames, read_frames, 
 from helios_jax.bench.motion import MotionAmplitude
 from helios_jax.bench.merge import rate, rules, run_merge, throughput_score, weighted_total
 from helios_jax.bench.runner import ScorerOptions, run_metrics, select_metrics
+from helios_jax.bench.generation import GenerateOptions, read_fps, run_generate
 
 __all__ = [
+    "GenerateOptions", "read_fps", "run_generate",
     "MotionAmplitude", "ScorerOptions", "VideoName", "VideoReadError", "format_video_name",
     "iter_frames", "list_videos", "load_prompts", "parse_video_name", "rate", "read_frames",
     "rules", "run_merge", "run_metrics", "select_metrics", "short_clip_name", "target_size",
