@@ -22,13 +22,14 @@ def cache_env(tmp_path_factory):
 def test_cli_writes_video_and_reports_fps(cache_env, tmp_path):
   out = tmp_path / "demo.mp4"
   res = subprocess.run([sys.executable, "-m", "helios_jax.generate", f"--out={out}",
-                        "--num_frames=66", "--seed=1"], env=cache_env, capture_output=True,
+                        "--num_frames=66", "--seed=1", "--height=64", "--width=64"],
+                       env=cache_env, capture_output=True,
                        text=True, check=False, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "FPS" in res.stdout and f"wrote {out}" in res.stdout
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top
   frames = iio.imread(out, plugin="FFMPEG")
-  assert frames.shape == (65, 128, 128, 3)  # 2 chunks = 66 frames, trimmed to 1 + 4k
+  assert frames.shape == (65, 64, 64, 3)  # 2 chunks = 66 frames, trimmed to 1 + 4k
   # Bad input: a clear error, exit code 2, nothing written.
   bad = tmp_path / "bad.mp4"
   res = subprocess.run([sys.executable, "-m", "helios_jax.generate", f"--out={bad}",
@@ -50,5 +51,5 @@ def test_example_notebook_executes(cache_env, monkeypatch):
   assert len(code) >= 3
   for cell in code:
     exec(compile("".join(cell["source"]), "generate_fn.ipynb", "exec"), namespace)  # pylint: disable=exec-used
-  assert namespace["frames"].shape == (1, 97, 128, 128, 3)
+  assert namespace["frames"].shape == (1, 97, 64, 64, 3)
   assert namespace["frames"].dtype == np.uint8

@@ -25,7 +25,10 @@ from diffusers.models.autoencoders import vae as dvae  # pylint: disable=g-impor
 from diffusers.pipelines.helios import pipeline_helios as pbase  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffusers.pipelines.helios import pipeline_helios_pyramid as ppyr  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-H = W = 128            # pixels -> 16x16 latents, pyramid 4x4 / 8x8 / 16x16
+H = W = 64             # pixels -> 8x8 latents, pyramid 2x2 / 4x4 / 8x8
+# diffusers' CFG-Zero* path `.view`s the velocity, which fails when a stage-0 token grid has a
+# size-1 axis (2x2 latents); the Mid cases therefore run at 128x128.
+SIZE = {"base": 64, "mid": 128, "distilled": 64}
 NUM_FRAMES = 99        # 3 chunks
 TEXT_DIM = 16
 L_TEXT = 12
@@ -170,16 +173,16 @@ def _cond_noise(log, task):
           "block_eps": [x for t, x in blocks if t == "cond_eps"]}
 
 
-def _test_image(seed=0):
+def _test_image(seed=0, size=H):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   base = rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)
-  return Image.fromarray(np.kron(base, np.ones((16, 16, 1), np.uint8)))
+  return Image.fromarray(np.kron(base, np.ones((size // 8, size // 8, 1), np.uint8)))
 
 
-def _test_video(frames=40):
+def _test_video(frames=40, size=H):
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  img = np.asarray(_test_image(1))
+  img = np.asarray(_test_image(1, size))
   return [Image.fromarray(np.roll(img, 3 * i, axis=1)) for i in range(frames)]
 
 
@@ -190,12 +193,11 @@ CASES = {
                                    guidance_scale=5.0, use_zero_init=True, zero_steps=1)),
     "distilled_t2v": ("distilled", "t2v", dict(pyramid_num_inference_steps_list=[2, 2, 2],
                                                guidance_scale=1.0, is_amplify_first_chunk=True)),
-    "distilled_i2v": ("distilled", "i2v", dict(pyramid_num_inference_steps_list=[2, 2, 2],
-                                               guidance_scale=1.0, is_amplify_first_chunk=True)),
+    "distilled_i2v_skip_first": ("distilled", "i2v", dict(
+        pyramid_num_inference_steps_list=[2, 2, 2], guidance_scale=1.0,
+        is_amplify_first_chunk=True, is_skip_first_chunk=True)),
     "distilled_v2v": ("distilled", "v2v", dict(pyramid_num_inference_steps_list=[1, 1, 1],
                                                guidance_scale=1.0)),
-    "mid_i2v_skip_first": ("mid", "i2v", dict(pyramid_num_inference_steps_list=[2, 2, 2],
-                                              guidance_scale=3.0, is_skip_first_chunk=True)),
 }
 
 
@@ -218,16 +220,17 @@ def test_pipeline_latent_parity(case, reference_pipelines, ours, monkeypatch):
   kind, task, call = CASES[case]
   ref, _ = reference_pipelines[kind]
   text, neg = _embeds(1), _embeds(2)
+  size = SIZE[kind]
   inputs = {}
   if task == "i2v":
-    inputs["image"] = _test_image()
+    inputs["image"] = _test_image(size=size)
   if task == "v2v":
-    inputs["video"] = _test_video()
+    inputs["video"] = _test_video(size=size)
   cfg_on = call["guidance_scale"] > 1
   with record_draws(monkeypatch, ref) as log:
     with torch.no_grad():
       ref_out = ref(prompt_embeds=text, negative_prompt_embeds=neg if cfg_on else None,
-                    num_frames=NUM_FRAMES, height=H, width=W, output_type="latent",
+                    num_frames=NUM_FRAMES, height=size, width=size, output_type="latent",
                     generator=torch.Generator().manual_seed(0), **inputs, **call).frames
   ref_lat = ref_out.float().numpy()
   stages = 1 if kind == "base" else 3
@@ -239,12 +242,12 @@ def test_pipeline_latent_parity(case, reference_pipelines, ours, monkeypatch):
     inputs["video"] = np.stack([np.asarray(f) for f in inputs["video"]])
   out = ours[kind].generate(
       prompt_embeds=text.numpy(), negative_prompt_embeds=neg.numpy() if cfg_on else None,
-      num_frames=NUM_FRAMES, height=H, width=W, noise=noise, progress=False, **inputs,
+      num_frames=NUM_FRAMES, height=size, width=size, noise=noise, progress=False, **inputs,
       **_our_kwargs(kind, call))
   assert out.latents.shape == ref_lat.shape, (out.latents.shape, ref_lat.shape)
   err = rel_err(out.latents, ref_lat)
   assert err <= TOL, f"{case}: latent rel err {err:.2e}"
-  assert out.frames.shape == (97, H, W, 3) and out.frames.dtype == np.uint8
+  assert out.frames.shape == (97, size, size, 3) and out.frames.dtype == np.uint8
 
 
 def test_stream_equals_generate_and_compiles_once(ours):
@@ -261,16 +264,16 @@ def test_stream_equals_generate_and_compiles_once(ours):
   pl.chunk_step.clear_cache() if hasattr(pl.chunk_step, "clear_cache") else None
   sampling.sample_chunk = counting
   try:
-    kw = dict(prompt_embeds=text, num_frames=33 * 4, height=H, width=W, seed=5, progress=False)
+    kw = dict(prompt_embeds=text, num_frames=33 * 3, height=H, width=W, seed=5, progress=False)
     gen = pipe.generate(**kw)
     chunks = list(pipe.stream(**kw))
   finally:
     sampling.sample_chunk = orig
-  # 4 chunks twice: the amplified first chunk and the normal chunk each traced once.
+  # 3 chunks twice: the amplified first chunk and the normal chunk each traced once.
   assert counts == {(True,): 1, (False,): 1}
   frames = np.concatenate([c.frames for c in chunks], axis=1)[0, :gen.frames.shape[0]]
   np.testing.assert_array_equal(frames, gen.frames)
-  assert gen.frames.shape[0] == sampling.output_frames(4) == 129
+  assert gen.frames.shape[0] == sampling.output_frames(3) == 97
   np.testing.assert_array_equal(np.concatenate([c.latents for c in chunks], axis=2), gen.latents)
 
 
