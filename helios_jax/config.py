@@ -57,8 +57,8 @@ class JsonConfig:
       raise ConfigError(f"{source}: {e}") from e
 
   @classmethod
-  def from_json(cls, path: str | os.PathLike):
-    """Reads `path` (a JSON file, or a folder holding `CONFIG_NAME`)."""
+  def read_json(cls, path: str | os.PathLike) -> tuple[Any, str]:
+    """(parsed JSON, file path) of `path` (a JSON file, or a folder holding `CONFIG_NAME`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
       path = os.path.join(path, cls.CONFIG_NAME)
@@ -66,9 +66,14 @@ class JsonConfig:
       raise ConfigError(f"config file not found: {path}")
     try:
       with open(path) as f:
-        d = json.load(f)
+        return json.load(f), path
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike):
+    """Reads `path` (a JSON file, or a folder holding `CONFIG_NAME`)."""
+    d, path = cls.read_json(path)
     return cls.from_dict(d, source=path)
 
   def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -98,16 +97,7 @@ class ClipVisionConfig(JsonConfig):
   @classmethod
   def from_any_json(cls, path: str | os.PathLike) -> "ClipVisionConfig":
     """Reads a `CLIPVisionConfig` file, or the `vision_config` of a full `CLIPConfig` file."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, cls.CONFIG_NAME)
-    if not os.path.isfile(path):
-      raise ConfigError(f"config file not found: {path}")
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    d, path = cls.read_json(path)
     if isinstance(d, dict) and "vision_config" in d:
       vision = dict(d["vision_config"] or {})
       if "projection_dim" in d:

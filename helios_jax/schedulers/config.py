@@ -218,12 +218,7 @@ def load_scheduler_config(path: str | os.PathLike) -> SchedulerConfig:
     ConfigError: missing file, invalid JSON, unknown class or key, unsupported value.
   """
   f = _find_file(path, "scheduler", SchedulerConfig.CONFIG_NAME, "scheduler config")
-  try:
-    with open(f) as fh:
-      d = json.load(fh)
-  except json.JSONDecodeError as e:
-    raise ConfigError(f"{f}: not valid JSON ({e})") from e
-  return SchedulerConfig.from_dict(d, source=f)
+  return SchedulerConfig.from_json(f)
 
 
 @dataclasses.dataclass(frozen=True)
