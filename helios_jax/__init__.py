@@ -25,3 +25,4 @@ from helios_jax.models.vae import load_vae
 from helios_jax.models.vae import WanVAE
 from helios_jax.models.vae import WanVAEConfig
 from helios_jax import schedulers
+from helios_jax import flops

@@ -68,20 +68,29 @@ def _denormalize_cl(z: jax.Array, mean: jax.Array, inv_std: jax.Array) -> jax.Ar
   return z / inv_std.reshape(-1) + mean.reshape(-1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+def to_unit(frames: jax.Array) -> jax.Array:
+  """[-1, 1] frames -> [0, 1]: the pipelines' `(x / 2 + 0.5).clamp(0, 1)`."""
+  return jnp.clip(frames / 2 + 0.5, 0.0, 1.0)
+
+
+def to_uint8(frames: jax.Array) -> jax.Array:
+  """[-1, 1] frames -> uint8 (`to_unit`, then x 255 rounded), on the device."""
+  return jnp.round(to_unit(frames) * 255.0).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def decode_step(vae_graphdef: nnx.GraphDef, vae_params: nnx.State, latents: jax.Array,
-                mean: jax.Array, inv_std: jax.Array) -> jax.Array:
-  """Normalized chunk latents `[B, 9, h, w, C]` -> frames `[B, 33, H, W, 3]` fp32 in [-1, 1]."""
+                mean: jax.Array, inv_std: jax.Array, output: str = "raw") -> jax.Array:
+  """Normalized chunk latents `[B, 9, h, w, C]` -> frames `[B, 33, H, W, 3]`.
+
+  `output`: "raw" fp32 in [-1, 1], "float" fp32 in [0, 1], "uint8" (converted on the device, so
+  only a quarter of the bytes cross to the host).
+  """
   from helios_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   z = _denormalize_cl(latents, mean, inv_std)
-  video = vae_lib.decode_latents(vae_graphdef, vae_params, jnp.moveaxis(z, -1, 1))
-  return jnp.moveaxis(video, 1, -1)
-
-
-def to_uint8(frames: jax.Array | np.ndarray) -> np.ndarray:
-  """[-1, 1] frames -> uint8 via the pipelines' `(x / 2 + 0.5).clamp(0, 1)`, rounded."""
-  x = np.clip(np.asarray(frames, np.float32) / 2 + 0.5, 0.0, 1.0)
-  return np.round(x * 255.0).astype(np.uint8)
+  video = jnp.moveaxis(vae_lib.decode_latents(vae_graphdef, vae_params, jnp.moveaxis(z, -1, 1)),
+                       1, -1)
+  return {"raw": lambda v: v, "float": to_unit, "uint8": to_uint8}[output](video)
 
 
 # ------------------------------------------------------------------------------------------
@@ -542,11 +551,10 @@ class Pipeline:
         if not bool(finite):
           raise FloatingPointError(f"chunk {k}: the sampler produced NaN/Inf latents")
         t1 = time.perf_counter()
-        frames = decode_step(self.vae.graphdef, self.vae.params, latents,
-                             self.vae.latents_mean, self.vae.latents_inv_std)
-        frames = np.asarray(frames)
+        frames = np.asarray(decode_step(self.vae.graphdef, self.vae.params, latents,
+                                        self.vae.latents_mean, self.vae.latents_inv_std,
+                                        output_type))
         t2 = time.perf_counter()
-        frames = to_uint8(frames) if output_type == "uint8" else np.clip(frames / 2 + 0.5, 0, 1)
         if bar is not None:
           bar.update(1)
           bar.set_postfix(dit=f"{t1 - t0:.2f}s", decode=f"{t2 - t1:.2f}s")
@@ -630,7 +638,7 @@ def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, param
                                 noise)
     state = sampling.advance(state, out, set_anchor)
     frames = decode_step(vae_graphdef, params["vae"], out.astype(jnp.float32),
-                         inputs["latents_mean"], inputs["latents_inv_std"])
+                         inputs["latents_mean"], inputs["latents_inv_std"], "uint8")
     return state, (out.astype(jnp.float32), frames)
 
   state, (lat0, fr0) = one(inputs["state"], 0, True, flags[0])
@@ -647,9 +655,7 @@ def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, param
   fr = jnp.concatenate(frames, axis=0)         # [K, B, 33, H, W, 3]
   lat = jnp.moveaxis(lat, 0, 1).reshape((batch, -1) + lat.shape[3:])
   fr = jnp.moveaxis(fr, 0, 1).reshape((batch, -1) + fr.shape[3:])
-  fr = fr[:, :sampling.output_frames(k_total)]
-  fr = jnp.round(jnp.clip(fr / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-  return {"latents": lat, "frames": fr}
+  return {"latents": lat, "frames": fr[:, :sampling.output_frames(k_total)]}
 
 
 def _to_cf(x: Any) -> np.ndarray:

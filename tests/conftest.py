@@ -1,9 +1,14 @@
 """Shared pytest set-up: CPU JAX, deterministic torch, GPU-test skipping."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", os.environ.get("HELIOS_TEST_PLATFORMS", "cpu"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compilation cache per test session, shared with the subprocesses the tests start (CLI
+# runs compile the same tiny programs as the in-process tests).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="helios_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

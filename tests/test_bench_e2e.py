@@ -121,6 +121,16 @@ def test_dry_run_14b(e2e, tmp_path):
 
 
 @pytest.mark.slow
+def test_dry_run_compile_reports_buffers(e2e, capsys):
+  res = e2e.main(["--preset", "tiny", "--dry_run", "--dry_run_compile", "--dtype", "float32"])
+  progs = res["dry_run"]["programs"]
+  assert all(p["temp_bytes"] > 0 and p["argument_bytes"] > 0 for p in progs.values())
+  assert "estimated device peak" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    e2e.parse_args(["--dry_run_compile"])
+
+
+@pytest.mark.slow
 def test_jax_smoke_run(e2e, tmp_path, capsys):
   out = tmp_path / "e2e.json"
   res = e2e.main(["--preset", "tiny", "--chunks", "2", "--no_torch", "--height", "64",
