@@ -3,8 +3,9 @@
 Schedules (sigma sampler, shifts, pyramid constants, renoise), sample construction and drop
 frequencies, Frame-Aware Corrupt identities, losses at the exact target, the NaViT packed
 forward == per-draw forwards, LoRA identities, optimizer / schedule parity with torch and
-diffusers, the data pipeline (metadata, TFDS precompute, bucketing, sharding, resumable
-iterator) and bad-input errors. The command-line runs live in `test_training_cli.py`.
+diffusers, the data pipeline (metadata, bucketing, process sharding, resumable iterator), the
+Wan2.1 init and bad-input errors. Command-line runs and the TFDS precompute live in
+`test_training_cli.py`.
 """
 
 import dataclasses
@@ -28,8 +29,6 @@ from helios_jax.data import pipeline as pipeline_lib
 from helios_jax.data import synthetic
 from helios_jax.data.clips import DataError
 from helios_jax.models import rope as rope_lib
-from helios_jax.models import transformer as tr
-from helios_jax.models.attention import KernelConfig
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.training import corrupt
 from helios_jax.training import lora
@@ -42,7 +41,21 @@ from pallas_kernels import dispatch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_METADATA = os.path.join(REPO, "data", "toy_data", "toy_filter.json")
 TINY = HeliosTransformerConfig.from_preset("tiny")
-XLA = KernelConfig("xla", "xla")
+F32 = jnp.float32
+NO_DROP = sample.DropConfig(enabled=False)
+NO_CORRUPT = corrupt.CorruptConfig(mode="none")
+NOISE = corrupt.CorruptConfig(mode="noise", clean_prob=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_threefry():
+  """Non-partitionable threefry for this module (restored afterwards).
+
+  Same semantics on one device; XLA:CPU compiles the partitionable variant of large random
+  draws ~20x slower at its default optimisation level, which dominated these tests' runtime.
+  """
+  with jax.threefry_partitionable(False):
+    yield
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,29 +235,28 @@ def test_corruption_identities():
   hist = hist.at[0, :10].set(0.0).at[1].set(0.0)  # V2V-10 drop, T2V-like sample
   anchor = anchor.at[1].set(0.0)
   key = jax.random.key(1)
-  for mode in ("noise", "random"):
-    cfg = corrupt.CorruptConfig(mode=mode, clean_prob=0.0, noise_prob=0.5, saturation=True)
+  for cfg in (NOISE, corrupt.CorruptConfig(mode="random", clean_prob=0.0, noise_prob=0.5,
+                                           saturation=True)):
     h, a = _corrupt(key, hist, anchor, cfg)
-    assert not np.asarray(h[0, :10]).any() and not np.asarray(h[1]).any()
+    assert not np.asarray(h[0, :10]).any() and not np.asarray(h[1]).any()  # zero blocks
     assert not np.asarray(a[1]).any()
-    assert np.asarray(h[0, 10:] != hist[0, 10:]).any()
-  same = lambda cfg: _corrupt(key, hist, anchor, cfg)
-  for cfg in (corrupt.CorruptConfig(mode="noise", clean_prob=0.0, sigma_max=0.0),
-              corrupt.CorruptConfig(mode="random", clean_prob=0.0, noise_prob=0.0, blur_min=1.0),
-              corrupt.CorruptConfig(mode="noise", clean_prob=1.0),
-              corrupt.CorruptConfig(mode="none", saturation=True, saturation_keep_prob=1.0)):
-    h, a = same(cfg)
-    assert rel_err(h, hist) < 1e-6 and rel_err(a, anchor) < 1e-6, cfg
-  np.testing.assert_allclose(corrupt.saturate(hist, jnp.ones(hist.shape[:2])), hist, atol=1e-6)
-  r = jnp.ones(hist.shape[:2])
-  np.testing.assert_allclose(corrupt.blur(hist, r), hist, atol=1e-6)
+    assert np.asarray(h[0, 10:] != hist[0, 10:]).all()
+  h, a = _corrupt(key, hist, anchor, corrupt.CorruptConfig(mode="noise", clean_prob=1.0))
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(hist))  # whole-history skip
+  # sigma = 0, r = 1, f = 1 are identities.
+  x = jnp.concatenate([anchor, hist], axis=1)
+  ones = jnp.ones(x.shape[:2])
+  np.testing.assert_allclose(jax.jit(corrupt.saturate)(x, ones), x, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(corrupt.blur)(x, ones), x, atol=1e-6)
+  eps = jax.random.normal(key, x.shape)
+  s = jnp.zeros(x.shape[:2])[:, :, None, None, None]
+  np.testing.assert_array_equal(np.asarray(s * eps + (1 - s) * x), np.asarray(x))
 
 
 def test_quirk_15_i2v_zero_frames_stay_zero():
   hist, anchor = _rand_history(jax.random.key(2))
   hist = hist.at[:, :18].set(0.0)  # I2V format: anchor + newest frame only
-  h, _ = _corrupt(jax.random.key(3), hist, anchor,
-                                 corrupt.CorruptConfig(mode="noise", clean_prob=0.0))
+  h, _ = _corrupt(jax.random.key(3), hist, anchor, NOISE)
   assert not np.asarray(h[:, :18]).any()
   assert np.asarray(h[:, 18] != hist[:, 18]).all()
 
@@ -253,8 +265,7 @@ def test_noise_sigma_range_and_saturation_mean():
   x = jnp.ones((256, 19, 1, 1, 1))
   anchor = jnp.ones((256, 1, 1, 1, 1))
   key = jax.random.key(4)
-  cfg = corrupt.CorruptConfig(mode="noise", clean_prob=0.0)
-  h, _ = _corrupt(key, x, anchor, cfg)
+  h, _ = _corrupt(key, x, anchor, NOISE)
   # x = 1: out = s eps + (1 - s); recover s with the same eps draw.
   _, _, k_sig, k_eps, _, _ = jax.random.split(key, 6)
   eps = jax.random.normal(k_eps, (256, 20, 1, 1, 1))[:, 1:, 0, 0, 0]
@@ -315,7 +326,7 @@ def test_memory_stems_equal_pooled_patch_embedding(tiny_model):
 def test_fm_loss_is_zero_at_the_exact_target():
   batch = _batch(jax.random.key(0), hw=8)
   key = jax.random.key(1)
-  cfg = losses.ObjectiveConfig(kind="flow_matching")
+  cfg = losses.ObjectiveConfig(kind="flow_matching", drop=NO_DROP, corrupt=NO_CORRUPT)
 
   @jax.jit
   def run():
@@ -340,7 +351,8 @@ def test_fm_loss_is_zero_at_the_exact_target():
 def test_pyramid_loss_is_zero_at_the_exact_target():
   batch = _batch(jax.random.key(0), hw=16)
   key = jax.random.key(2)
-  cfg = losses.ObjectiveConfig(kind="pyramid_flow_matching", multiplicities=(1, 2, 1))
+  cfg = losses.ObjectiveConfig(kind="pyramid_flow_matching", multiplicities=(1, 2, 1),
+                               drop=NO_DROP, corrupt=NO_CORRUPT)
   draws = jax.jit(lambda k, x: losses.pyramid_draws(k, x, cfg.multiplicities))(
       jax.random.split(key)[1], batch["target"])
   assert [d.x.shape[0] for d in draws] == [2, 4, 2]
@@ -443,14 +455,14 @@ def _packed_forward(model, hist, draws_x, draws_t, text, frame_idx):
   return outs
 
 
+@pytest.mark.slow
 def test_navit_packed_forward_equals_per_draw_forwards(tiny_model):
   graphdef, base = tiny_model
   model = nnx.merge(graphdef, base)
   batch = _batch(jax.random.key(7), b=2, hw=16)
   key = jax.random.key(8)
   cfg = losses.ObjectiveConfig(kind="pyramid_flow_matching", multiplicities=(1, 2, 1),
-                               drop=sample.DropConfig(enabled=False),
-                               corrupt=corrupt.CorruptConfig(mode="none"))
+                               drop=NO_DROP, corrupt=NO_CORRUPT)
   hist = sample.history_inputs(batch["history"], batch["anchor"])
   draws = jax.jit(lambda k, x: losses.pyramid_draws(k, x, cfg.multiplicities))(
       jax.random.split(key)[1], batch["target"])
@@ -533,17 +545,19 @@ def test_lora_at_init_equals_base_and_merged_equals_lora(tiny_model):
 
 def test_bf16_base_keeps_fp32_policy_and_merge_rounds_once():
   cfg = model_lib.BaseModelConfig(preset="tiny", param_dtype="bfloat16", remat="full")
-  _, _, params = model_lib.build_base(cfg)
-  assert params["blocks"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
-  assert params["condition_embedder"]["time_embedder"]["linear_1"]["kernel"].dtype == np.float32
-  assert params["blocks"]["scale_shift_table"].dtype == np.float32
+  _, abstract = cfg.spec().abstract(TINY, cfg.dtype)
+  assert abstract["blocks"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
+  assert abstract["condition_embedder"]["time_embedder"]["linear_1"]["kernel"].dtype == F32
+  assert abstract["blocks"]["scale_shift_table"].dtype == F32
+  rng = np.random.default_rng(0)
+  base = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), abstract)
   spec = lora.TrainableSpec(rank=4, alpha=4.0)
-  base = jax.tree.map(jnp.asarray, params)
   tr_, merged = jax.jit(lambda b: (lambda t: (t, lora.merge(b, t, spec)))(
       lora.init_trainables(b, spec, jax.random.key(0))))(base)
-  assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)))
-  assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(merged),
-                                                  jax.tree.leaves(base)))
+  assert all(x.dtype == F32 for x in jax.tree.leaves(tr_))  # fp32 masters
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -601,48 +615,6 @@ def test_metadata_parsing_and_errors(tmp_path):
   short = dataclasses.replace(clips[0], num_frames=20)
   with pytest.raises(DataError, match="shorter than one 33-frame section"):
     clips_lib.clip_sections(short, 64, 64, np.random.default_rng(0))
-
-
-@pytest.fixture(scope="module")
-def toy_latents(tmp_path_factory):
-  """The two toy clips precomputed at 64x64 with a random tiny VAE + umT5 (TFDS)."""
-  from helios_jax import presets  # pylint: disable=g-import-not-at-top
-  from helios_jax.models import text_encoder as te  # pylint: disable=g-import-not-at-top
-  from helios_jax.models.vae import init_vae  # pylint: disable=g-import-not-at-top
-  _, vae_cfg, text_cfg = presets.tiny_configs()
-  g, s = nnx.split(te.TEXT_ENCODER_SPEC.init(text_cfg, jnp.float32, 0))
-  enc = latents_lib.Encoders(
-      vae=init_vae(vae_cfg), tokenizer=presets.tiny_tokenizer(),
-      text_encoder=lambda ids, m: te.umt5_encode(g, s, jnp.asarray(ids, jnp.int32),
-                                                 jnp.asarray(m, jnp.int32)))
-  root = str(tmp_path_factory.mktemp("toy_latents"))
-  opts = latents_lib.PrecomputeOptions(metadata=TOY_METADATA, height=64, width=64,
-                                       min_frames=81)
-  latents_lib.precompute(root, opts, enc)
-  return root, enc
-
-
-def test_precompute_writes_section_latents(toy_latents):
-  root, enc = toy_latents
-  src = latents_lib.load_source(root)
-  assert len(src) == 2
-  keys = src.bucket_keys()
-  assert sorted(map(tuple, keys.tolist())) == [(2, 8, 8), (3, 8, 8)]
-  for i in range(2):
-    r = src[i]
-    n = int(r["num_sections"])
-    assert r["latents"].shape == (n, 9, 8, 8, 16) and r["latents"].dtype == np.float32
-    assert int(r["num_frames"]) == {2: 81, 3: 121}[n]
-    assert r["prompt_embed"].shape[1] == 32 and 0 < r["prompt_embed"].shape[0] <= 512
-    assert np.abs(r["prompt_embed"]).sum(-1).min() > 0  # only valid rows are stored
-    # Independent sections: re-encoding section 1 alone reproduces it (up to the sample noise
-    # of a different key the means agree; check the deterministic posterior mean instead).
-    assert np.isfinite(r["latents"]).all()
-  clip = clips_lib.select_clips(clips_lib.load_metadata(TOY_METADATA), 81)[0]
-  secs = clips_lib.clip_sections(clip, 64, 64, np.random.default_rng(0))
-  assert secs.shape == (2, 3, 33, 64, 64) and -1 <= secs.min() and secs.max() <= 1
-  lat = latents_lib.encode_sections(enc.vae, secs[:1], jax.random.key(0))
-  assert lat.shape == (1, 9, 8, 8, 16)
 
 
 def test_latent_source_errors(tmp_path):

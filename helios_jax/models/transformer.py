@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,9 @@ F32 = jnp.float32
 # Parameters kept in fp32 whatever the model dtype (diffusers `_keep_in_fp32_modules`).
 FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
                 "history_key_scale")
+
+# Optional per-layer hook of the block scan: (layer_state, layer_extra, h) -> (layer_state, h).
+BlockHook = Callable[[Any, Any, jax.Array], "tuple[Any, jax.Array]"]
 
 REMAT_POLICIES = {
     "none": None,
@@ -230,20 +233,33 @@ class HeliosTransformer3DModel(nnx.Module):
     self.proj_out = layers.Linear(d, cfg.out_dim * math.prod(cfg.patch_size), dtype=dtype,
                                   rngs=rngs)
 
-  def _run_blocks(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
+  def _run_blocks(self, x: jax.Array, ctx: BlockContext, block_hook: BlockHook | None = None,
+                  block_extra: Any = None) -> jax.Array:
     """All blocks as one `jax.lax.scan` over the stacked block state (one compiled block).
 
     A plain lax.scan over `nnx.split(self.blocks)` (rather than `nnx.scan`) keeps the model
     usable inside other JAX loops, e.g. the sampler's `lax.scan` over denoising steps.
+
+    Args:
+      x: `[B, S, D]` hidden states.
+      ctx: per-forward values shared by all blocks.
+      block_hook: optional `(layer_state, layer_extra, h) -> (layer_state, h)` applied inside
+        the scan body before each block (e.g. LoRA deltas merged per layer, sharding
+        constraints on h); runs under the block's remat.
+      block_extra: pytree whose leaves carry a leading layer axis, scanned with the blocks and
+        passed to `block_hook` one layer slice at a time (None: nothing).
     """
     graphdef, state = nnx.split(self.blocks)
 
-    def step(h, layer_state):
+    def step(h, xs):
+      layer_state, layer_extra = xs
+      if block_hook is not None:
+        layer_state, h = block_hook(layer_state, layer_extra, h)
       return nnx.merge(graphdef, layer_state)(h, ctx), None
 
     if self.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    return jax.lax.scan(step, x, state)[0]
+    return jax.lax.scan(step, x, (state, block_extra))[0]
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states=None,
                indices_latents_history_short=None, indices_latents_history_mid=None,
@@ -282,7 +298,8 @@ class HeliosTransformer3DModel(nnx.Module):
 
   def forward_channels_last(self, x: jax.Array, timestep: jax.Array, text: jax.Array,
                             frame_indices: jax.Array | None,
-                            hist: memory.HistoryInputs) -> jax.Array:
+                            hist: memory.HistoryInputs, *, block_hook: BlockHook | None = None,
+                            block_extra: Any = None) -> jax.Array:
     """The forward on channels-last latents (what the sampler calls; no input validation).
 
     Args:
@@ -291,6 +308,8 @@ class HeliosTransformer3DModel(nnx.Module):
       text: `[B, L, text_dim]` text embeddings.
       frame_indices: `[B, T // pt]` RoPE frame indices of the noisy window (None: 0..T'-1).
       hist: history groups, latents `[B, T_g, H_g, W_g, C]` (None = group absent).
+      block_hook: optional per-layer transform inside the block scan (see `_run_blocks`).
+      block_extra: per-layer data for `block_hook`, leaves `[num_layers, ...]`.
 
     Returns:
       `[B, T, H, W, out_channels]` velocity in the model dtype.
@@ -334,7 +353,7 @@ class HeliosTransformer3DModel(nnx.Module):
     ctx = BlockContext(text=text, mod_hist=tp0.astype(F32), mod_noisy=tp.astype(F32),
                        rope=(cos, sin), num_history=num_history, mod_split=mod_split)
 
-    x = self._run_blocks(x, ctx)
+    x = self._run_blocks(x, ctx, block_hook, block_extra)
 
     # Output head on the noisy tokens, unpatchify.
     y = self.proj_out(self.norm_out(x[:, num_history:], temb))    # [B, N, pt*ph*pw*C]

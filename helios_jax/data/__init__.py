@@ -1,0 +1,1 @@
+"""Training data: upstream clip metadata, TFDS latent precompute, synthetic latents, grain pipeline."""

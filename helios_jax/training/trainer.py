@@ -1,0 +1,401 @@
+"""The training loop shared by every stage, parameterised by an ml_collections config.
+
+`train_and_evaluate(config, workdir)`:
+  1. mesh over all devices (data / fsdp / context axes), the input pipeline (grain over the
+     TFDS latents or synthetic latents), the frozen base (random, Helios or Wan2.1 weights)
+     placed with FSDP shardings;
+  2. trainables (LoRA factors + full-trained stems, fp32) and the optax state, created by
+     jitted functions with their output shardings;
+  3. restore from the latest checkpoint in `<workdir>/checkpoints` if any (trainables,
+     optimizer state, step, rng, grain iterator position);
+  4. the jitted step: the stage objective (`losses.OBJECTIVES[config.objective.kind]`) through
+     the LoRA-merged model, `value_and_grad` w.r.t. the trainables only, clip + AdamW; a
+     non-finite loss or gradient leaves the state unchanged and stops the run with the step
+     number (the last good checkpoint stays the latest);
+  5. logs (loss, grad norm, lr, steps/s, tokens/s) to stdout and `<workdir>/metrics.jsonl`,
+     asynchronous Orbax checkpoints every `train.checkpoint_every` steps and at the end.
+
+The per-step PRNG key is fold_in(key(seed), step) and every random draw of the step is made
+for the global batch inside the jitted step (threefry, partitionable), so runs are
+bit-reproducible across restarts and give the same numbers on any mesh up to the reduction
+order of the sharded sums.
+
+Stage 3 plugs in as another objective whose step updates more than one trainable group
+(generator / critic, each with its own `optim.make_optimizer` state) and keeps an EMA; the
+state layout below is a dict so those extra entries fit the same checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from helios_jax.config import ConfigError
+from helios_jax.data import pipeline as pipeline_lib
+from helios_jax.data.clips import DataError
+from helios_jax.training import checkpointing
+from helios_jax.training import corrupt as corrupt_lib
+from helios_jax.training import lora
+from helios_jax.training import losses
+from helios_jax.training import model as model_lib
+from helios_jax.training import optim
+from helios_jax.training import sample as sample_lib
+from helios_jax.training import sharding
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+DEVICE_KEYS = ("history", "anchor", "target", "text")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/inf; the run stopped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The typed view of an experiment config (validated once at start-up)."""
+
+  seed: int
+  objective: losses.ObjectiveConfig
+  model: model_lib.BaseModelConfig
+  trainable: lora.TrainableSpec
+  optim: optim.OptimConfig
+  mesh: sharding.MeshConfig
+  data: ml_collections.ConfigDict
+  train: ml_collections.ConfigDict
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
+  """Builds and validates the typed settings; errors name the bad key and value."""
+  try:
+    c = config
+    if c.get("ema") is not None and c.ema.enabled:
+      raise ConfigError("ema.enabled=True: EMA belongs to Stage 3, which this trainer does not "
+                        "run yet")
+    drop = sample_lib.DropConfig(p_t2v=float(c.drop.p_t2v), p_i2v=float(c.drop.p_i2v),
+                                 p_v2v=float(c.drop.p_v2v), enabled=bool(c.drop.enabled))
+    cor = corrupt_lib.CorruptConfig(
+        mode=str(c.corrupt.mode), clean_prob=float(c.corrupt.clean_prob),
+        noise_prob=float(c.corrupt.noise_prob), sigma_max=float(c.corrupt.sigma_max),
+        blur_min=float(c.corrupt.blur_min), blur_max=float(c.corrupt.blur_max),
+        saturation=bool(c.corrupt.saturation),
+        saturation_keep_prob=float(c.corrupt.saturation_keep_prob))
+    obj = losses.ObjectiveConfig(
+        kind=str(c.objective.kind), logit_mean=float(c.objective.logit_mean),
+        logit_std=float(c.objective.logit_std),
+        multiplicities=tuple(int(m) for m in c.objective.multiplicities), drop=drop,
+        corrupt=cor, caption_dropout=float(c.objective.caption_dropout))
+    m = c.model
+    base = model_lib.BaseModelConfig(
+        init_from=str(m.init_from), init_format=str(m.init_format), preset=str(m.preset),
+        overrides=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in m.overrides.items())),
+        param_dtype=str(m.param_dtype), remat=str(m.remat), attention=str(m.attention),
+        seed=int(m.seed), init_memory_from_patch_embedding=bool(m.init_memory_from_patch_embedding))
+    t = c.trainable
+    spec = lora.TrainableSpec(rank=int(t.lora_rank), alpha=float(t.lora_alpha),
+                              linears=str(t.linears), patch_embedding=str(t.patch_embedding),
+                              memory_patches=str(t.memory_patches),
+                              init_std=float(t.lora_init_std) if t.lora_init_std > 0 else None)
+    o = c.optim
+    opt = optim.OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps), b1=float(o.b1),
+                            b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
+                            grad_clip=float(o.grad_clip))
+    mesh = sharding.MeshConfig(data=int(c.mesh.data), fsdp=int(c.mesh.fsdp),
+                               context=int(c.mesh.context))
+  except (AttributeError, KeyError) as e:
+    raise ConfigError(f"config is missing a key: {e}") from e
+  if int(c.train.num_steps) < 1:
+    raise ConfigError(f"train.num_steps={c.train.num_steps} must be >= 1")
+  if c.data.source not in ("tfds", "synthetic"):
+    raise ConfigError(f"data.source={c.data.source!r} must be 'tfds' or 'synthetic'")
+  return Settings(seed=int(c.seed), objective=obj, model=base, trainable=spec, optim=opt,
+                  mesh=mesh, data=c.data, train=c.train)
+
+
+# ------------------------------------------------------------------------------------------
+# Data.
+
+
+def make_source(data_cfg: ml_collections.ConfigDict):
+  """The record source named by `data.source`."""
+  if data_cfg.source == "synthetic":
+    from helios_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    s = data_cfg.synthetic
+    return synthetic.SyntheticLatents(synthetic.SyntheticConfig(
+        num_clips=int(s.num_clips), sections=tuple(int(x) for x in s.sections),
+        height=int(s.height), width=int(s.width), channels=int(s.channels),
+        text_tokens=int(s.text_tokens), text_dim=int(s.text_dim), vocab=int(s.vocab),
+        seed=int(s.seed)))
+  from helios_jax.data import latents  # pylint: disable=g-import-not-at-top
+  if not data_cfg.data_dir:
+    raise DataError("data.data_dir is empty: pass --config.data.data_dir=<TFDS data root with "
+                    "helios_latents/> (see `python -m helios_jax.data.precompute`)")
+  return latents.load_source(str(data_cfg.data_dir), str(data_cfg.split))
+
+
+def global_batch_size(data_cfg: ml_collections.ConfigDict) -> int:
+  if int(data_cfg.global_batch_size) > 0:
+    return int(data_cfg.global_batch_size)
+  return int(data_cfg.per_device_batch_size) * jax.device_count()
+
+
+# ------------------------------------------------------------------------------------------
+# Step.
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, st: Settings, mesh):
+  """loss_fn(trainables, base, batch, key) -> (loss, aux) through the LoRA'd model."""
+  objective = losses.OBJECTIVES[st.objective.kind]
+  hook = lora.block_hook(st.trainable, sharding.context_constraint(mesh))
+
+  def loss_fn(trainables, base, batch, key):
+    params, block_extra = lora.effective_params(base, trainables, st.trainable)
+    model = nnx.merge(graphdef, params)
+
+    def model_fn(x, t, text, frame_idx, hist):
+      return model.forward_channels_last(x, t, text, frame_idx, hist, block_hook=hook,
+                                         block_extra=block_extra)
+
+    return objective(model_fn, batch, key, st.objective)
+
+  return loss_fn
+
+
+def make_train_step(loss_fn, tx, st: Settings):
+  """The pure step: state dict -> (state dict, metrics)."""
+
+  def train_step(state, base, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["trainables"], base, batch, key)
+    gnorm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainables"])
+    trainables = optax.apply_updates(state["trainables"], updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = dict(state, step=step + 1, trainables=keep(trainables, state["trainables"]),
+                     opt_state=keep(opt_state, state["opt_state"]))
+    metrics = {"loss": loss, "grad_norm": gnorm, "lr": optim.learning_rate(st.optim, step),
+               **aux}
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------
+# Logging.
+
+
+class MetricsWriter:
+  """Appends one JSON line per step to `<workdir>/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = enabled
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _py(x):
+  x = np.asarray(x)
+  return x.item() if x.ndim == 0 else x.tolist()
+
+
+# ------------------------------------------------------------------------------------------
+# Main entry.
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `train_and_evaluate` sets up before the loop (one process's view)."""
+
+  settings: Settings
+  mesh: Any
+  global_batch: int
+  data_iter: Any
+  plan: pipeline_lib.BatchPlan
+  model_config: Any
+  base: dict[str, Any]
+  base_shardings: Any
+  state: dict[str, Any]
+  state_shardings: dict[str, Any]
+  tx: Any
+  step_fn: Any
+  tokens_per_step: int
+
+
+def _setup_data(st: Settings, gbs: int):
+  source = make_source(st.data)
+  data_seed = int(st.data.seed) if int(st.data.seed) >= 0 else st.seed
+  in_cfg = pipeline_lib.InputConfig(global_batch_size=gbs, seed=data_seed,
+                                    text_len=int(st.data.text_len),
+                                    num_threads=int(st.data.num_threads),
+                                    prefetch=int(st.data.prefetch))
+  dataset, plan = pipeline_lib.make_dataset(source, in_cfg, jax.process_index(),
+                                            jax.process_count())
+  logging.info("data: %d records, %d buckets, %d batches per epoch", len(source),
+               len(plan.buckets), plan.batches_per_epoch)
+  return pipeline_lib.make_iterator(dataset, in_cfg), plan
+
+
+def _log_tree(name: str, tree: Any) -> None:
+  """Each leaf's shape / dtype / sharding at verbosity 1 (`--v=1`)."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    logging.vlog(1, "%s%s %s %s %s", name, jax.tree_util.keystr(path), x.shape, x.dtype,
+                 getattr(x, "sharding", None))
+
+
+def _init_state(st: Settings, base: dict[str, Any], mesh):
+  """Fresh trainables and optimizer state, created with their output shardings."""
+  init_key = jax.random.key(st.seed)
+  init = lambda b: lora.init_trainables(b, st.trainable, init_key)
+  tr_shardings = sharding.tree_shardings(jax.eval_shape(init, base), mesh)
+  trainables = jax.jit(init, out_shardings=tr_shardings)(base)
+  tx = optim.make_optimizer(st.optim, trainables)
+  opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, trainables), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainables)
+  rep = sharding.replicated(mesh)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+           "rng": jax.device_put(jax.random.key_data(init_key), rep),
+           "trainables": trainables, "opt_state": opt_state}
+  shardings = {"step": rep, "rng": rep, "trainables": tr_shardings, "opt_state": opt_shardings}
+  logging.info("trainable parameters: %s (LoRA rank %d, alpha %g)", lora.count(trainables),
+               st.trainable.rank, st.trainable.alpha)
+  _log_tree("trainables", trainables)
+  return state, shardings, tx
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+  """Mesh, input pipeline, base weights, fresh state and the jitted step of a config."""
+  st = settings_from_config(config)
+  jax.config.update("jax_threefry_partitionable", True)
+  mesh = sharding.make_mesh(st.mesh)
+  gbs = global_batch_size(st.data)
+  sharding.check_batch(gbs, mesh)
+  logging.info("mesh %s over %d device(s), %d process(es); global batch %d", dict(mesh.shape),
+               jax.device_count(), jax.process_count(), gbs)
+  data_iter, plan = _setup_data(st, gbs)
+
+  model_config, graphdef, base_host = model_lib.build_base(st.model)
+  for _, h, w in plan.buckets:
+    losses.check_latent_size(st.objective.kind, h, w, model_config.patch_size)
+  base_shardings = sharding.tree_shardings(base_host, mesh)
+  base = sharding.host_to_global(base_host, base_shardings)
+  del base_host
+  _log_tree("base", base)
+
+  state, state_shardings, tx = _init_state(st, base, mesh)
+  step_fn = jax.jit(make_train_step(make_loss_fn(graphdef, st, mesh), tx, st),
+                    in_shardings=(state_shardings, base_shardings, None),
+                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+  _, h, w = next(iter(plan.buckets))  # tokens/s uses the first bucket's size
+  tokens = losses.tokens_per_sample(st.objective.kind, h, w, st.objective.multiplicities,
+                                    model_config.patch_size) * gbs
+  return Run(settings=st, mesh=mesh, global_batch=gbs, data_iter=data_iter, plan=plan,
+             model_config=model_config, base=base, base_shardings=base_shardings, state=state,
+             state_shardings=state_shardings, tx=tx, step_fn=step_fn, tokens_per_step=tokens)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) a training run; returns the last step's metrics.
+
+  Args:
+    config: an experiment config (`experiments/stage1.py`, `stage2.py`).
+    workdir: output folder (checkpoints, metrics, config).
+
+  Returns:
+    {"step": last step, **metrics of the last step}.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  run = setup(config)
+  st, state = run.settings, run.state
+
+  ckpt = checkpointing.Checkpointer(workdir, keep=int(st.train.keep_checkpoints),
+                                    async_save=bool(st.train.async_checkpoint))
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+        run.state_shardings)
+    state, meta = ckpt.restore(latest, abstract_state, run.data_iter)
+    start = int(meta["step"])
+    logging.info("resumed from %s (step %d)", ckpt.directory, start)
+    if is_main:
+      print(f"resumed from step {start}", flush=True)
+
+  writer = MetricsWriter(workdir, is_main)
+  num_steps = int(st.train.num_steps)
+  log_every = max(int(st.train.log_every), 1)
+  ckpt_every = int(st.train.checkpoint_every)
+  abort_at = int(st.train.get("abort_at_step", 0))
+  nan_at = int(st.train.get("debug_nan_at_step", 0))
+  last_good = latest
+  last: dict[str, Any] = {"step": start}
+  t_window, n_window = time.perf_counter(), 0
+  try:
+    for step in range(start, num_steps):
+      local = {k: v for k, v in next(run.data_iter).items() if k in DEVICE_KEYS}
+      if nan_at == step + 1:  # fault injection (tests): a corrupt batch
+        local = {k: np.full_like(v, np.nan) for k, v in local.items()}
+      batch = sharding.local_batch_to_global(local, run.mesh)
+      state, metrics = run.step_fn(state, run.base, batch)
+      metrics = jax.device_get(metrics)
+      done = step + 1
+      loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"non-finite loss {loss} (grad norm {gnorm}) at step {done}; stopping. Last good "
+            f"checkpoint: step {last_good} in {ckpt.directory}")
+      record = {"step": done, **{k: _py(v) for k, v in metrics.items()}}
+      if step == start:  # the first step of a process includes compilation: not timed
+        t_window, n_window = time.perf_counter(), 0
+      else:
+        n_window += 1
+      if done % log_every == 0 or done == num_steps:
+        line = (f"step {done}/{num_steps} | loss {loss:.5f} | grad_norm {gnorm:.4f} | lr "
+                f"{float(metrics['lr']):.3g}")
+        if n_window:
+          dt = time.perf_counter() - t_window
+          record["steps_per_sec"] = n_window / dt
+          record["tokens_per_sec"] = n_window * run.tokens_per_step / dt
+          line += (f" | {record['steps_per_sec']:.2f} steps/s | "
+                   f"{record['tokens_per_sec']:.0f} tokens/s")
+          t_window, n_window = time.perf_counter(), 0
+        if is_main:
+          print(line, flush=True)
+      writer.write(record)
+      last = record
+      if (ckpt_every > 0 and done % ckpt_every == 0) or done == num_steps:
+        ckpt.save(done, state, run.data_iter, {"step": done, "objective": st.objective.kind,
+                                               "time": time.time()})
+        last_good = done
+      if abort_at and done == abort_at:  # fault injection (tests): a hard kill
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+  finally:
+    ckpt.close()
+  return last
