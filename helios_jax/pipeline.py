@@ -17,6 +17,7 @@ Underneath, `Pipeline.generate_fn(...)` returns a single jitted pure function
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -224,6 +225,7 @@ class Pipeline:
     self.text_encoder = text_encoder
     self.tokenizer = tokenizer
     self.release_text_encoder = release_text_encoder
+    self.mesh = None
     if vae.config.z_dim != transformer.config.in_channels:
       raise ConfigError(f"VAE z_dim={vae.config.z_dim} != transformer in_channels="
                         f"{transformer.config.in_channels}")
@@ -271,6 +273,33 @@ class Pipeline:
       tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
     return cls(transformer, vae, scheduler, flags, text_encoder, tokenizer,
                release_text_encoder=release_text_encoder)
+
+  def shard(self, mesh: jax.sharding.Mesh) -> "Pipeline":
+    """Runs the DiT over the devices of `mesh` (see `helios_jax.parallel.make_mesh`).
+
+    The transformer parameters are split over the "tensor" axis (heads / FFN units), tokens
+    over "context" and the (CFG-doubled) batch over "data"; the VAE and text encoder stay on
+    one device. Results equal the single-device pipeline up to reduction order.
+    """
+    from helios_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.shard_transformer(self.transformer, mesh)
+    self.mesh = mesh
+    return self
+
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _on_mesh(self, tree):
+    """Inputs of the sharded DiT: replicated over the mesh (identity without a mesh)."""
+    if self.mesh is None:
+      return tree
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda a: jax.device_put(a, rep), tree)
+
+  def _on_vae_device(self, x: jax.Array) -> jax.Array:
+    if self.mesh is None:
+      return x
+    return jax.device_put(x, next(iter(jax.tree.leaves(self.vae.params)[0].devices())))
 
   # ---------------------------------------------------------------------------- config
 
@@ -545,9 +574,11 @@ class Pipeline:
                                                          plan[k][2])[None]
         set_anchor = sampling.set_anchor_flag(k, conditioning.anchor_given, is_skip_first_chunk)
         t0 = time.perf_counter()
-        state, latents, finite = chunk_step(self.transformer.graphdef, sc, k == 0,
-                                            self.transformer.params, t_k, neg, state, cn,
-                                            jnp.asarray(set_anchor))
+        with self._mesh_context():
+          state, latents, finite = chunk_step(
+              self.transformer.graphdef, sc, k == 0, self.transformer.params,
+              *self._on_mesh((t_k, neg, state, cn, jnp.asarray(set_anchor))))
+        latents = self._on_vae_device(latents)
         if not bool(finite):
           raise FloatingPointError(f"chunk {k}: the sampler produced NaN/Inf latents")
         t1 = time.perf_counter()

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from helios_jax import checkpoint
+from helios_jax import parallel
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import layers
 from helios_jax.models import memory
@@ -149,6 +150,7 @@ class HeliosBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
     """`x` `[B, S, D]` (model dtype) -> `[B, S, D]`."""
+    x = parallel.constrain_tokens(x)  # no-op unless a (data, context, tensor) mesh is active
     dt = x.dtype
     kw = dict(eps=self.eps, **self.kernels.op_kwargs())
     table = self.scale_shift_table[...]  # [1, 6, D] fp32
