@@ -126,3 +126,26 @@ def apply_tiny(c: ml_collections.ConfigDict, toy: str, steps: int) -> None:
     c.data.source = "synthetic"
     c.data.text_len = 16
     c.data.global_batch_size = 2
+
+
+def add_stage3_groups(c: ml_collections.ConfigDict) -> None:
+  """The Stage 3 groups (spec §7.4-7.6, §11.1 `stage3`), released values; modifies `c`."""
+  c.stage3 = ml_collections.ConfigDict(dict(
+      student_steps=(2, 2, 2), amplify_first_chunk=True,
+      ode_weight=80.0, ode_sections=3,
+      gen_update_ratio=5, real_guidance=3.0,
+      beta_a=4.0, beta_b=1.5, beta_anneal_steps=500, t_clamp=(20.0, 980.0),
+      critic_u_min=0.001,
+      gan=False, gan_start_step=1000, gan_g_weight=0.05, gan_d_weight=0.01,
+      r1_weight=100.0, r1_sigma=0.1, gan_crop=0.5,
+      gan_blocks=(),  # () -> blocks (5, 15, 25, 35) scaled to the model depth
+      heads=ml_collections.ConfigDict(dict(width=768, groups=32, seed=0)),
+      negative_text=""))  # .npy [L, D] of the negative prompt's embedding; "" -> zeros
+  # AdamW (0, 0.999), wd 1e-3, clip 10 for every Stage 3 optimizer (spec §7.0).
+  c.optim.update(dict(lr=2e-6, warmup_steps=0, b1=0.0, b2=0.999, weight_decay=1e-3,
+                      grad_clip=10.0))
+  # Generator / student: LoRA r256 on every Linear and on the memory stems.
+  c.trainable.update(dict(lora_rank=256, lora_alpha=256.0, linears="lora",
+                          patch_embedding="frozen", memory_patches="lora"))
+  c.data.per_device_batch_size = 1
+  c.ema.update(dict(enabled=True, decay=0.99))

@@ -149,7 +149,9 @@ class _LoadBatch:
 
   def __call__(self, g: int) -> dict[str, np.ndarray]:
     epoch, idx = self.plan.batch(g)
-    samples = [build_sample(self.source[int(i)], int(i), epoch, self.cfg.seed, self.cfg.text_len)
+    # Sources with their own sample format (Stage 3 ODE pairs) provide `build_sample`.
+    build = getattr(self.source, "build_sample", build_sample)
+    samples = [build(self.source[int(i)], int(i), epoch, self.cfg.seed, self.cfg.text_len)
                for i in idx[self.offset:self.offset + self.local]]
     return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 

@@ -236,7 +236,8 @@ class HeliosTransformer3DModel(nnx.Module):
                                   rngs=rngs)
 
   def _run_blocks(self, x: jax.Array, ctx: BlockContext, block_hook: BlockHook | None = None,
-                  block_extra: Any = None) -> jax.Array:
+                  block_extra: Any = None,
+                  capture: tuple[int, ...] = ()) -> tuple[jax.Array, list[jax.Array]]:
     """All blocks as one `jax.lax.scan` over the stacked block state (one compiled block).
 
     A plain lax.scan over `nnx.split(self.blocks)` (rather than `nnx.scan`) keeps the model
@@ -250,6 +251,12 @@ class HeliosTransformer3DModel(nnx.Module):
         constraints on h); runs under the block's remat.
       block_extra: pytree whose leaves carry a leading layer axis, scanned with the blocks and
         passed to `block_hook` one layer slice at a time (None: nothing).
+      capture: 0-based block indices whose output hidden states are also returned (the GAN
+        discriminator's features); the scan is cut into segments at those blocks, so no
+        per-layer stack of activations is kept.
+
+    Returns:
+      (`[B, S, D]` output of the last block, [`[B, S, D]` output of each captured block]).
     """
     graphdef, state = nnx.split(self.blocks)
 
@@ -261,7 +268,19 @@ class HeliosTransformer3DModel(nnx.Module):
 
     if self.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    return jax.lax.scan(step, x, (state, block_extra))[0]
+    n = self.config.num_layers
+    if any(not 0 <= int(c) < n for c in capture) or list(capture) != sorted(set(capture)):
+      raise ValueError(f"capture blocks {capture} must be increasing indices in [0, {n - 1}]")
+    cuts = [0] + [int(c) + 1 for c in capture] + ([n] if not capture or capture[-1] + 1 < n
+                                                   else [])
+    feats = []
+    for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+      xs = (state, block_extra) if (lo, hi) == (0, n) else jax.tree.map(
+          lambda a, lo=lo, hi=hi: a[lo:hi], (state, block_extra))
+      x = jax.lax.scan(step, x, xs)[0]
+      if i < len(capture):
+        feats.append(x)
+    return x, feats
 
   def __call__(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states=None,
                indices_latents_history_short=None, indices_latents_history_mid=None,
@@ -301,7 +320,7 @@ class HeliosTransformer3DModel(nnx.Module):
   def forward_channels_last(self, x: jax.Array, timestep: jax.Array, text: jax.Array,
                             frame_indices: jax.Array | None,
                             hist: memory.HistoryInputs, *, block_hook: BlockHook | None = None,
-                            block_extra: Any = None) -> jax.Array:
+                            block_extra: Any = None, capture_blocks: tuple[int, ...] = ()):
     """The forward on channels-last latents (what the sampler calls; no input validation).
 
     Args:
@@ -312,9 +331,11 @@ class HeliosTransformer3DModel(nnx.Module):
       hist: history groups, latents `[B, T_g, H_g, W_g, C]` (None = group absent).
       block_hook: optional per-layer transform inside the block scan (see `_run_blocks`).
       block_extra: per-layer data for `block_hook`, leaves `[num_layers, ...]`.
+      capture_blocks: 0-based blocks whose noisy-token outputs are also returned.
 
     Returns:
-      `[B, T, H, W, out_channels]` velocity in the model dtype.
+      `[B, T, H, W, out_channels]` velocity in the model dtype; with `capture_blocks`, the pair
+      (velocity, [`[B, T', H', W', D]` noisy-token hidden states after each captured block]).
     """
     cfg = self.config
     dt = self.dtype
@@ -355,14 +376,17 @@ class HeliosTransformer3DModel(nnx.Module):
     ctx = BlockContext(text=text, mod_hist=tp0.astype(F32), mod_noisy=tp.astype(F32),
                        rope=(cos, sin), num_history=num_history, mod_split=mod_split)
 
-    x = self._run_blocks(x, ctx, block_hook, block_extra)
+    x, feats = self._run_blocks(x, ctx, block_hook, block_extra, tuple(capture_blocks))
 
     # Output head on the noisy tokens, unpatchify.
     y = self.proj_out(self.norm_out(x[:, num_history:], temb))    # [B, N, pt*ph*pw*C]
     pt, ph, pw = cfg.patch_size
     y = y.reshape(b, tn, hn, wn, pt, ph, pw, cfg.out_dim)
     y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return y.reshape(b, tn * pt, hn * ph, wn * pw, cfg.out_dim)
+    y = y.reshape(b, tn * pt, hn * ph, wn * pw, cfg.out_dim)
+    if not capture_blocks:
+      return y
+    return y, [f[:, num_history:].reshape(b, tn, hn, wn, -1) for f in feats]
 
 
 def validate_inputs(cfg: HeliosTransformerConfig, hidden_states, timestep, encoder_hidden_states,

@@ -41,6 +41,8 @@ from helios_jax.training import sample as sample_lib
 
 F32 = jnp.float32
 NUM_TRAIN_TIMESTEPS = pyr.NUM_TRAIN_TIMESTEPS
+# Stage 3 objectives (`distill.py`), run by the trainer's Stage 3 branches.
+STAGE3_KINDS = ("ode_regression", "dmd")
 
 # model_fn(x [B, T, h, w, C], t [B], text [B, L, D], frame_idx [B, T], hist) -> v [B, T, h, w, C]
 ModelFn = Callable[..., jax.Array]
@@ -69,8 +71,9 @@ class ObjectiveConfig:
   caption_dropout: float = 0.0
 
   def __post_init__(self):
-    if self.kind not in OBJECTIVES:
-      raise ValueError(f"objective kind={self.kind!r} must be one of {sorted(OBJECTIVES)}")
+    if self.kind not in OBJECTIVES and self.kind not in STAGE3_KINDS:
+      raise ValueError(f"objective kind={self.kind!r} must be one of "
+                       f"{sorted(OBJECTIVES) + list(STAGE3_KINDS)}")
     if self.kind == "pyramid_flow_matching":
       if len(self.multiplicities) != pyr.NUM_STAGES or min(self.multiplicities) < 0 or (
           sum(self.multiplicities) < 1):
@@ -300,7 +303,8 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
 
 def check_latent_size(kind: str, height: int, width: int, patch: tuple[int, int, int]) -> None:
   """Raises if the latent size cannot run the objective (pyramid levels, patchification)."""
-  f = 2 ** (pyr.NUM_STAGES - 1) if kind == "pyramid_flow_matching" else 1
+  pyramid = kind == "pyramid_flow_matching" or kind in STAGE3_KINDS
+  f = 2 ** (pyr.NUM_STAGES - 1) if pyramid else 1
   ph, pw = patch[1], patch[2]
   if height % (f * ph) or width % (f * pw):
     raise ValueError(f"latent size {height}x{width} must be divisible by {f * ph}x{f * pw} for "

@@ -29,6 +29,7 @@ from helios_jax import checkpoint
 from helios_jax.models import transformer
 from helios_jax.training import checkpointing
 from helios_jax.training import lora
+from helios_jax.training import losses
 from helios_jax.training import model as model_lib
 from helios_jax.training import optim
 from helios_jax.training import trainer
@@ -37,6 +38,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (config.jso
 _OUT = flags.DEFINE_string("out", None, "Output transformer folder (must not exist).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Output dtype (default: the base's param dtype).")
+_EMA = flags.DEFINE_bool("ema", False, "Merge the EMA trainables (Stage 3) instead of the live ones.")
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -48,14 +50,21 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_trainables(workdir: str, base: dict[str, Any], st: trainer.Settings,
-                       step: int | None = None) -> tuple[dict[str, Any], int]:
-  """The trainables of a checkpoint as host-device arrays, and the step they come from."""
+                       step: int | None = None, ema: bool = False) -> tuple[dict[str, Any], int]:
+  """The trainables (or their EMA) of a checkpoint as host-device arrays, and their step."""
   ckpt = checkpointing.Checkpointer(workdir, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else int(step)
     if step is None or step not in ckpt.all_steps():
       raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt.directory} "
                               f"(have {ckpt.all_steps()})")
+    if ema or st.kind in losses.STAGE3_KINDS:  # Stage 3 states carry more groups: untargeted
+      state, _ = ckpt.restore_state(step)
+      name = "ema" if ema else "trainables"
+      if name not in state:
+        raise KeyError(f"checkpoint step {step} in {ckpt.directory} has no {name!r} entry "
+                       f"(entries: {sorted(state)}); EMA exists only when ema.enabled")
+      return jax.tree.map(jnp.asarray, state[name]), step
     key = jax.random.key(st.seed)
     abstract_tr = jax.eval_shape(lambda b: lora.init_trainables(b, st.trainable, key), base)
     tx = optim.make_optimizer(st.optim, abstract_tr)
@@ -72,7 +81,7 @@ def restore_trainables(workdir: str, base: dict[str, Any], st: trainer.Settings,
 
 
 def merge_run(workdir: str, out: str, step: int | None = None, dtype: Any = None,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, ema: bool = False) -> str:
   """Writes the merged transformer of a run; returns `out`.
 
   Args:
@@ -81,12 +90,13 @@ def merge_run(workdir: str, out: str, step: int | None = None, dtype: Any = None
     step: checkpoint step (None: latest).
     dtype: output dtype (None: the run's base dtype; fp32-kept modules stay fp32).
     overwrite: replace an existing `out`.
+    ema: merge the EMA of the trainables (Stage 3 releases the EMA generator).
   """
   config = read_run_config(workdir)
   st = trainer.settings_from_config(config)
   model_config, _, base_host = model_lib.build_base(st.model)
   base = jax.tree.map(jnp.asarray, base_host)
-  trainables, step = restore_trainables(workdir, base, st, step)
+  trainables, step = restore_trainables(workdir, base, st, step, ema)
   merged = jax.jit(lambda b, t: lora.merge(b, t, st.trainable))(base, trainables)
   if dtype is not None:  # the precision policy of that dtype (fp32-kept modules stay fp32)
     _, abstract = transformer.TRANSFORMER_SPEC.abstract(model_config, jnp.dtype(dtype))
@@ -104,7 +114,7 @@ def main(argv):
   del argv
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required")
-  out = merge_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+  out = merge_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, ema=_EMA.value)
   print(f"merged transformer written to {out}", flush=True)
 
 

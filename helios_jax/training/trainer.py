@@ -20,9 +20,11 @@ for the global batch inside the jitted step (threefry, partitionable), so runs a
 bit-reproducible across restarts and give the same numbers on any mesh up to the reduction
 order of the sharded sums.
 
-Stage 3 plugs in as another objective whose step updates more than one trainable group
-(generator / critic, each with its own `optim.make_optimizer` state) and keeps an EMA; the
-state layout below is a dict so those extra entries fit the same checkpointing.
+Stage 3 (`stage3.py`, `distill.py`) plugs in as two more objectives: "ode_regression" (the
+same single-group step on the ODE-pair dataset, with the EMA of the trainables) and "dmd", whose
+step updates two trainable groups (generator / critic, each with its own optax state) from two
+section draws per step and keeps the generator EMA; the state is a dict, so those extra entries
+use the same checkpointing.
 """
 
 from __future__ import annotations
@@ -48,16 +50,25 @@ from helios_jax.data import pipeline as pipeline_lib
 from helios_jax.data.clips import DataError
 from helios_jax.training import checkpointing
 from helios_jax.training import corrupt as corrupt_lib
+from helios_jax.training import distill
 from helios_jax.training import lora
 from helios_jax.training import losses
 from helios_jax.training import model as model_lib
 from helios_jax.training import optim
 from helios_jax.training import sample as sample_lib
 from helios_jax.training import sharding
+from helios_jax.training import stage3 as stage3_lib
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 DEVICE_KEYS = ("history", "anchor", "target", "text")
+
+
+def device_keys(kind: str, batch: dict[str, Any]) -> tuple[str, ...]:
+  """The batch entries the step reads (ODE-pair records: text and every per-stage array)."""
+  if kind == "ode_regression":
+    return tuple(k for k in batch if k == "text" or k[:2] in ("xt", "en") or k[:1] in "tn")
+  return DEVICE_KEYS
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,15 +87,26 @@ class Settings:
   mesh: sharding.MeshConfig
   data: ml_collections.ConfigDict
   train: ml_collections.ConfigDict
+  stage3: stage3_lib.Stage3Settings | None = None
+
+  @property
+  def kind(self) -> str:
+    return self.objective.kind
+
+
+def _model_config(m) -> model_lib.BaseModelConfig:
+  return model_lib.BaseModelConfig(
+      init_from=str(m.init_from), init_format=str(m.init_format), preset=str(m.preset),
+      overrides=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                             for k, v in m.overrides.items())),
+      param_dtype=str(m.param_dtype), remat=str(m.remat), attention=str(m.attention),
+      seed=int(m.seed), init_memory_from_patch_embedding=bool(m.init_memory_from_patch_embedding))
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
   """Builds and validates the typed settings; errors name the bad key and value."""
   try:
     c = config
-    if c.get("ema") is not None and c.ema.enabled:
-      raise ConfigError("ema.enabled=True: EMA belongs to Stage 3, which this trainer does not "
-                        "run yet")
     drop = sample_lib.DropConfig(p_t2v=float(c.drop.p_t2v), p_i2v=float(c.drop.p_i2v),
                                  p_v2v=float(c.drop.p_v2v), enabled=bool(c.drop.enabled))
     cor = corrupt_lib.CorruptConfig(
@@ -98,13 +120,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         logit_std=float(c.objective.logit_std),
         multiplicities=tuple(int(m) for m in c.objective.multiplicities), drop=drop,
         corrupt=cor, caption_dropout=float(c.objective.caption_dropout))
-    m = c.model
-    base = model_lib.BaseModelConfig(
-        init_from=str(m.init_from), init_format=str(m.init_format), preset=str(m.preset),
-        overrides=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                               for k, v in m.overrides.items())),
-        param_dtype=str(m.param_dtype), remat=str(m.remat), attention=str(m.attention),
-        seed=int(m.seed), init_memory_from_patch_embedding=bool(m.init_memory_from_patch_embedding))
+    base = _model_config(c.model)
     t = c.trainable
     spec = lora.TrainableSpec(rank=int(t.lora_rank), alpha=float(t.lora_alpha),
                               linears=str(t.linears), patch_embedding=str(t.patch_embedding),
@@ -116,14 +132,23 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
                             grad_clip=float(o.grad_clip))
     mesh = sharding.MeshConfig(data=int(c.mesh.data), fsdp=int(c.mesh.fsdp),
                                context=int(c.mesh.context))
+    s3 = None
+    if obj.kind in losses.STAGE3_KINDS:
+      s3 = stage3_lib.settings_from_config(c, _model_config)
+    elif c.get("ema") is not None and c.ema.enabled:
+      s3 = stage3_lib.Stage3Settings(loss=None, ema=stage3_lib.EmaConfig(
+          enabled=True, decay=float(c.ema.decay),
+          update_after_step=int(c.ema.update_after_step)))
   except (AttributeError, KeyError) as e:
     raise ConfigError(f"config is missing a key: {e}") from e
   if int(c.train.num_steps) < 1:
     raise ConfigError(f"train.num_steps={c.train.num_steps} must be >= 1")
-  if c.data.source not in ("tfds", "synthetic"):
-    raise ConfigError(f"data.source={c.data.source!r} must be 'tfds' or 'synthetic'")
+  sources = ("ode_pairs",) if obj.kind == "ode_regression" else ("tfds", "synthetic")
+  if c.data.source not in sources:
+    raise ConfigError(f"data.source={c.data.source!r} must be one of {sources} for objective "
+                      f"{obj.kind!r}")
   return Settings(seed=int(c.seed), objective=obj, model=base, trainable=spec, optim=opt,
-                  mesh=mesh, data=c.data, train=c.train)
+                  mesh=mesh, data=c.data, train=c.train, stage3=s3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,11 +165,50 @@ def make_source(data_cfg: ml_collections.ConfigDict):
         height=int(s.height), width=int(s.width), channels=int(s.channels),
         text_tokens=int(s.text_tokens), text_dim=int(s.text_dim), vocab=int(s.vocab),
         seed=int(s.seed)))
+  if data_cfg.source == "ode_pairs":
+    from helios_jax.training import ode_pairs  # pylint: disable=g-import-not-at-top
+    if not data_cfg.data_dir:
+      raise DataError("data.data_dir is empty: pass the ODE-pair dataset written by "
+                      "`python -m helios_jax.training.ode_pairs --out=<dir>`")
+    return OdePairRecords(ode_pairs.OdePairsSource(str(data_cfg.data_dir)))
   from helios_jax.data import latents  # pylint: disable=g-import-not-at-top
   if not data_cfg.data_dir:
     raise DataError("data.data_dir is empty: pass --config.data.data_dir=<TFDS data root with "
                     "helios_latents/> (see `python -m helios_jax.data.precompute`)")
   return latents.load_source(str(data_cfg.data_dir), str(data_cfg.split))
+
+
+class OdePairRecords:
+  """An ODE-pair dataset as a pipeline source: one bucket, records used as they are (text
+  zero-padded to the pipeline's text length)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self.source[int(index)]
+
+  def bucket_keys(self) -> np.ndarray:
+    if len(self) == 0:
+      return np.zeros((0, 3), np.int64)
+    end = np.asarray(self.source[0]["end2"])
+    return np.tile(np.asarray([[end.shape[0], end.shape[2], end.shape[3]]], np.int64),
+                   (len(self), 1))
+
+  @staticmethod
+  def build_sample(record, index, epoch, seed, text_len) -> dict[str, np.ndarray]:
+    del epoch, seed
+    out = {k: np.asarray(v) for k, v in record.items()}
+    emb = np.asarray(out["text"], np.float32)
+    if emb.ndim != 2 or emb.shape[0] > text_len:
+      raise DataError(f"ODE-pair record {index}: text shape {emb.shape} is not [<= {text_len}, D]")
+    text = np.zeros((text_len, emb.shape[1]), np.float32)
+    text[:emb.shape[0]] = emb
+    out["text"] = text
+    return out
 
 
 def global_batch_size(data_cfg: ml_collections.ConfigDict) -> int:
@@ -159,18 +223,15 @@ def global_batch_size(data_cfg: ml_collections.ConfigDict) -> int:
 
 def make_loss_fn(graphdef: nnx.GraphDef, st: Settings, mesh):
   """loss_fn(trainables, base, batch, key) -> (loss, aux) through the LoRA'd model."""
-  objective = losses.OBJECTIVES[st.objective.kind]
-  hook = lora.block_hook(st.trainable, sharding.context_constraint(mesh))
+  if st.kind == "ode_regression":
+    objective = lambda fn, batch, key, _: distill.ode_regression_loss(fn, batch, key,
+                                                                       st.stage3.loss)
+  else:
+    objective = losses.OBJECTIVES[st.kind]
+  make = stage3_lib.forward_factory(graphdef, sharding.context_constraint(mesh))
 
   def loss_fn(trainables, base, batch, key):
-    params, block_extra = lora.effective_params(base, trainables, st.trainable)
-    model = nnx.merge(graphdef, params)
-
-    def model_fn(x, t, text, frame_idx, hist):
-      return model.forward_channels_last(x, t, text, frame_idx, hist, block_hook=hook,
-                                         block_extra=block_extra)
-
-    return objective(model_fn, batch, key, st.objective)
+    return objective(make(base, trainables, st.trainable), batch, key, st.objective)
 
   return loss_fn
 
@@ -190,6 +251,9 @@ def make_train_step(loss_fn, tx, st: Settings):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = dict(state, step=step + 1, trainables=keep(trainables, state["trainables"]),
                      opt_state=keep(opt_state, state["opt_state"]))
+    if "ema" in state:  # updated every step (spec §7.4)
+      new_state.update(stage3_lib.ema_step(state, new_state["trainables"], ok,
+                                           st.stage3.ema))
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": optim.learning_rate(st.optim, step),
                **aux}
     return new_state, metrics
@@ -240,6 +304,7 @@ class Run:
   tx: Any
   step_fn: Any
   tokens_per_step: int
+  negative_text: Any = None
 
 
 def _setup_data(st: Settings, gbs: int):
@@ -277,10 +342,36 @@ def _init_state(st: Settings, base: dict[str, Any], mesh):
            "rng": jax.device_put(jax.random.key_data(init_key), rep),
            "trainables": trainables, "opt_state": opt_state}
   shardings = {"step": rep, "rng": rep, "trainables": tr_shardings, "opt_state": opt_shardings}
+  if st.stage3 is not None and st.stage3.ema.enabled:
+    state["ema"] = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=tr_shardings)(
+        trainables)
+    state["ema_count"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
+    shardings.update(ema=tr_shardings, ema_count=rep)
   logging.info("trainable parameters: %s (LoRA rank %d, alpha %g)", lora.count(trainables),
                st.trainable.rank, st.trainable.alpha)
   _log_tree("trainables", trainables)
   return state, shardings, tx
+
+
+def _init_critic_state(st: Settings, score_base: dict[str, Any], model_config, mesh):
+  """Critic trainables (+ GAN heads) and their optimizer state (DMD)."""
+  s3 = st.stage3
+  heads_graphdef, heads_params, blocks = None, None, ()
+  if s3.loss.gan:
+    heads_graphdef, heads_params, blocks = stage3_lib.make_heads(model_config, s3)
+  key = jax.random.fold_in(jax.random.key(st.seed), 1)
+  init = lambda b, h: stage3_lib.init_critic(b, s3, key, h)
+  shard = sharding.tree_shardings(jax.eval_shape(init, score_base, heads_params), mesh)
+  critic = jax.jit(init, out_shardings=shard)(score_base, heads_params)
+  mult = dict(s3.critic_optim.lr_multipliers)
+  mult.setdefault("gan", 1.0)
+  copt = dataclasses.replace(s3.critic_optim, lr_multipliers=tuple(sorted(mult.items())))
+  tx = optim.make_optimizer(copt, critic)
+  opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, critic), mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shard)(critic)
+  logging.info("critic parameters: %s", lora.count(critic))
+  return ({"critic": critic, "critic_opt_state": opt_state},
+          {"critic": shard, "critic_opt_state": opt_shard}, tx, heads_graphdef, blocks)
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
@@ -297,21 +388,43 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   model_config, graphdef, base_host = model_lib.build_base(st.model)
   for _, h, w in plan.buckets:
     losses.check_latent_size(st.objective.kind, h, w, model_config.patch_size)
+  if st.kind == "dmd":  # the student base and the (real / fake) score base
+    score_config, _, score_host = model_lib.build_base(st.stage3.score_model)
+    if score_config != model_config:
+      raise ConfigError(f"score_model config {score_config} differs from the student's "
+                        f"{model_config}: both must be the same DiT architecture")
+    base_host = {"student": base_host, "score": score_host}
   base_shardings = sharding.tree_shardings(base_host, mesh)
   base = sharding.host_to_global(base_host, base_shardings)
   del base_host
   _log_tree("base", base)
 
-  state, state_shardings, tx = _init_state(st, base, mesh)
-  step_fn = jax.jit(make_train_step(make_loss_fn(graphdef, st, mesh), tx, st),
-                    in_shardings=(state_shardings, base_shardings, None),
-                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+  if st.kind == "dmd":
+    state, state_shardings, tx = _init_state(st, base["student"], mesh)
+    cstate, cshard, ctx_tx, heads_graphdef, blocks = _init_critic_state(
+        st, base["score"], model_config, mesh)
+    state.update(cstate)
+    state_shardings.update(cshard)
+    step = stage3_lib.make_dmd_step(graphdef, st.trainable, tx, ctx_tx, st.stage3, st.optim,
+                                    sharding.context_constraint(mesh), heads_graphdef, blocks)
+    step_fn = jax.jit(step, in_shardings=(state_shardings, base_shardings, None, None),
+                      out_shardings=(state_shardings, None), donate_argnums=(0,))
+  else:
+    state, state_shardings, tx = _init_state(st, base, mesh)
+    step_fn = jax.jit(make_train_step(make_loss_fn(graphdef, st, mesh), tx, st),
+                      in_shardings=(state_shardings, base_shardings, None),
+                      out_shardings=(state_shardings, None), donate_argnums=(0,))
   _, h, w = next(iter(plan.buckets))  # tokens/s uses the first bucket's size
   tokens = losses.tokens_per_sample(st.objective.kind, h, w, st.objective.multiplicities,
                                     model_config.patch_size) * gbs
+  neg = None
+  if st.kind == "dmd":
+    text_dim = model_config.text_dim
+    neg = stage3_lib.negative_text(st.stage3.negative_text, int(st.data.text_len), text_dim)
   return Run(settings=st, mesh=mesh, global_batch=gbs, data_iter=data_iter, plan=plan,
              model_config=model_config, base=base, base_shardings=base_shardings, state=state,
-             state_shardings=state_shardings, tx=tx, step_fn=step_fn, tokens_per_step=tokens)
+             state_shardings=state_shardings, tx=tx, step_fn=step_fn, tokens_per_step=tokens,
+             negative_text=neg)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -357,15 +470,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t_window, n_window = time.perf_counter(), 0
   try:
     for step in range(start, num_steps):
-      local = {k: v for k, v in next(run.data_iter).items() if k in DEVICE_KEYS}
-      if nan_at == step + 1:  # fault injection (tests): a corrupt batch
-        local = {k: np.full_like(v, np.nan) for k, v in local.items()}
-      batch = sharding.local_batch_to_global(local, run.mesh)
-      state, metrics = run.step_fn(state, run.base, batch)
+      draws = 2 if st.kind == "dmd" else 1  # DMD: draw #1 (generator), draw #2 (critic)
+      batches = []
+      for _ in range(draws):
+        raw = next(run.data_iter)
+        local = {k: v for k, v in raw.items() if k in device_keys(st.kind, raw)}
+        if run.negative_text is not None:
+          b = local["text"].shape[0]
+          local["neg_text"] = np.broadcast_to(run.negative_text[None],
+                                              (b,) + run.negative_text.shape).copy()
+        if nan_at == step + 1:  # fault injection (tests): a corrupt batch
+          local = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                   for k, v in local.items()}
+        batches.append(sharding.local_batch_to_global(local, run.mesh))
+      state, metrics = run.step_fn(state, run.base, *batches)
       metrics = jax.device_get(metrics)
       done = step + 1
       loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      checked = [loss, gnorm] + [float(metrics[k]) for k in ("gen_loss", "gen_grad_norm")
+                                 if k in metrics]
+      if not all(math.isfinite(v) for v in checked):
         ckpt.wait()
         raise NonFiniteLossError(
             f"non-finite loss {loss} (grad norm {gnorm}) at step {done}; stopping. Last good "
@@ -378,6 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % log_every == 0 or done == num_steps:
         line = (f"step {done}/{num_steps} | loss {loss:.5f} | grad_norm {gnorm:.4f} | lr "
                 f"{float(metrics['lr']):.3g}")
+        if "gen_loss" in metrics:
+          line += f" | gen_loss {float(metrics['gen_loss']):.5f}"
         if n_window:
           dt = time.perf_counter() - t_window
           record["steps_per_sec"] = n_window / dt

@@ -1,0 +1,305 @@
+"""The Stage 3 pieces of the trainer: settings, model closures, EMA and the DMD step.
+
+The trainer (`trainer.py`) stays one loop for every stage; Stage 3 adds
+
+  * `Stage3Settings`: the `stage3`, `critic`, `score_model`, `gan` and `ema` config groups;
+  * ODE regression: the single-group step of Stages 1-2 with `distill.ode_regression_loss` as
+    the objective, plus the EMA of the trainables;
+  * DMD: `init_dmd_state` / `make_dmd_step`, a step that updates two trainable groups with
+    separate optax states — the generator (LoRA on the student base; when
+    step % gen_update_ratio == 0, first) and the critic (a second LoRA on the score base, plus
+    the GAN heads) — and the generator EMA. The real score is the score base with the adapter
+    off, so the frozen score weights exist once (spec §7.5, §8).
+
+State of a DMD run (a dict, checkpointed like the others):
+  step, rng, trainables (generator), opt_state, critic ({"lora", "full", ["gan"]}),
+  critic_opt_state, ema (generator trainables), ema_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from helios_jax.config import ConfigError
+from helios_jax.training import distill
+from helios_jax.training import lora
+from helios_jax.training import model as model_lib
+from helios_jax.training import optim
+from helios_jax.training import sample as sample_lib
+
+F32 = jnp.float32
+EMPTY_TRAINABLES = {"lora": {}, "full": {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaConfig:
+  """EMA of the trainables (spec §7.5 formula): enabled, max decay, update_after_step."""
+
+  enabled: bool = False
+  decay: float = 0.99
+  update_after_step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GanHeadConfig:
+  """Discriminator head widths (768 / GroupNorm 32 at full size)."""
+
+  width: int = 768
+  groups: int = 32
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage3Settings:
+  """Typed view of the Stage 3 config groups."""
+
+  loss: distill.Stage3Config
+  ema: EmaConfig
+  critic: lora.TrainableSpec | None = None
+  critic_optim: optim.OptimConfig | None = None
+  score_model: model_lib.BaseModelConfig | None = None
+  gan: GanHeadConfig = GanHeadConfig()
+  negative_text: str = ""
+
+
+def settings_from_config(c, model_from) -> Stage3Settings:
+  """Parses the Stage 3 groups (`model_from(group)` builds a BaseModelConfig)."""
+  s = c.stage3
+  cor = c.corrupt
+  from helios_jax.training import corrupt as corrupt_lib  # pylint: disable=g-import-not-at-top
+  loss = distill.Stage3Config(
+      student_steps=tuple(int(x) for x in s.student_steps),
+      amplify_first_chunk=bool(s.amplify_first_chunk), ode_weight=float(s.ode_weight),
+      ode_sections=int(s.ode_sections), gen_update_ratio=int(s.gen_update_ratio),
+      real_guidance=float(s.real_guidance), beta_a=float(s.beta_a), beta_b=float(s.beta_b),
+      beta_anneal_steps=int(s.beta_anneal_steps),
+      t_clamp=tuple(float(x) for x in s.t_clamp), critic_u_min=float(s.critic_u_min),
+      gan=bool(s.gan), gan_start_step=int(s.gan_start_step),
+      gan_g_weight=float(s.gan_g_weight), gan_d_weight=float(s.gan_d_weight),
+      r1_weight=float(s.r1_weight), r1_sigma=float(s.r1_sigma), gan_crop=float(s.gan_crop),
+      gan_blocks=tuple(int(x) for x in s.gan_blocks),
+      drop=sample_lib.DropConfig(p_t2v=float(c.drop.p_t2v), p_i2v=float(c.drop.p_i2v),
+                                 p_v2v=float(c.drop.p_v2v), enabled=bool(c.drop.enabled)),
+      corrupt=corrupt_lib.CorruptConfig(
+          mode=str(cor.mode), clean_prob=float(cor.clean_prob),
+          noise_prob=float(cor.noise_prob), sigma_max=float(cor.sigma_max),
+          blur_min=float(cor.blur_min), blur_max=float(cor.blur_max), saturation=False,
+          saturation_keep_prob=float(cor.saturation_keep_prob)),
+      saturation=bool(cor.saturation))
+  ema = EmaConfig(enabled=bool(c.ema.enabled), decay=float(c.ema.decay),
+                  update_after_step=int(c.ema.update_after_step))
+  kind = str(c.objective.kind)
+  if kind != "dmd":
+    return Stage3Settings(loss=loss, ema=ema)
+  t = c.critic.trainable
+  critic = lora.TrainableSpec(rank=int(t.lora_rank), alpha=float(t.lora_alpha),
+                              linears=str(t.linears), patch_embedding=str(t.patch_embedding),
+                              memory_patches=str(t.memory_patches),
+                              init_std=float(t.lora_init_std) if t.lora_init_std > 0 else None)
+  o = c.critic.optim
+  copt = optim.OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps), b1=float(o.b1),
+                           b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
+                           grad_clip=float(o.grad_clip))
+  g = c.stage3.heads
+  return Stage3Settings(loss=loss, ema=ema, critic=critic, critic_optim=copt,
+                        score_model=model_from(c.score_model),
+                        gan=GanHeadConfig(width=int(g.width), groups=int(g.groups),
+                                          seed=int(g.seed)),
+                        negative_text=str(c.stage3.negative_text))
+
+
+# ------------------------------------------------------------------------------------------
+# Model closures.
+
+
+def forward_factory(graphdef: nnx.GraphDef, constrain=None):
+  """`make(base, trainables, spec, capture=()) -> model_fn` through the LoRA'd model."""
+
+  def make(base, trainables, spec: lora.TrainableSpec, capture=()):
+    params, block_extra = lora.effective_params(base, trainables, spec)
+    model = nnx.merge(graphdef, params)
+    hook = lora.block_hook(spec, constrain)
+
+    def model_fn(x, t, text, frame_idx, hist):
+      return model.forward_channels_last(x, t, text, frame_idx, hist, block_hook=hook,
+                                         block_extra=block_extra,
+                                         capture_blocks=tuple(capture))
+
+    return model_fn
+
+  return make
+
+
+def negative_text(path: str, text_len: int, text_dim: int):
+  """`[text_len, text_dim]` fp32 negative-prompt embedding: a `.npy` file, or zeros for ""."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not path:
+    return np.zeros((text_len, text_dim), np.float32)
+  try:
+    arr = np.load(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"stage3.negative_text={path!r} cannot be read as .npy: {e}") from e
+  arr = np.asarray(arr, np.float32)
+  if arr.ndim == 3 and arr.shape[0] == 1:
+    arr = arr[0]
+  if arr.ndim != 2 or arr.shape[1] != text_dim or arr.shape[0] > text_len:
+    raise ConfigError(f"stage3.negative_text={path!r} has shape {arr.shape}; expected "
+                      f"[<= {text_len}, {text_dim}]")
+  out = np.zeros((text_len, text_dim), np.float32)
+  out[:arr.shape[0]] = arr
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# EMA (shared by the ODE and DMD steps).
+
+
+def ema_step(state: dict[str, Any], new_trainables: Any, do_update: jax.Array,
+             cfg: EmaConfig) -> dict[str, Any]:
+  """Counts and applies one EMA update where `do_update` (returns the state's EMA entries)."""
+  count = state["ema_count"] + do_update.astype(jnp.int32)
+  decay = distill.ema_decay(count, cfg.update_after_step, cfg.decay)
+  updated = distill.ema_update(state["ema"], new_trainables, decay)
+  ema = jax.tree.map(lambda u, e: jnp.where(do_update, u, e), updated, state["ema"])
+  return {"ema": ema, "ema_count": count}
+
+
+# ------------------------------------------------------------------------------------------
+# DMD.
+
+
+def make_heads(model_config, cfg: Stage3Settings):
+  """(graphdef, fp32 params) of the GAN heads on the score backbone, and the captured blocks."""
+  from helios_jax.training import gan  # pylint: disable=g-import-not-at-top
+  blocks = tuple(cfg.loss.gan_blocks) or gan.head_blocks(model_config.num_layers)
+  in_ch = tuple([model_config.inner_dim] * len(blocks)) + (model_config.out_dim,)
+  heads = gan.DiscriminatorHeads(in_ch, width=cfg.gan.width, groups=cfg.gan.groups,
+                                 rngs=nnx.Rngs(cfg.gan.seed))
+  graphdef, state = nnx.split(heads)
+  return graphdef, jax.tree.map(lambda x: jnp.asarray(x, F32), nnx.to_pure_dict(state)), blocks
+
+
+def init_critic(score_base, cfg: Stage3Settings, key, heads_params=None):
+  """Critic trainables: a zero-B LoRA on the score base (+ the GAN heads)."""
+  tr = lora.init_trainables(score_base, cfg.critic, key)
+  if heads_params is not None:
+    tr = dict(tr, gan=heads_params)
+  return tr
+
+
+def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, critic_tx,
+                  cfg: Stage3Settings, gen_optim: optim.OptimConfig, constrain=None,
+                  heads_graphdef=None, gan_blocks=()):
+  """The pure DMD step: (state, base, batch1, batch2) -> (state, metrics).
+
+  Args:
+    graphdef: the DiT graphdef (student and score bases share the architecture).
+    gen_spec: generator trainable spec.
+    gen_tx, critic_tx: the two optax transformations.
+    cfg: Stage 3 settings.
+    gen_optim: generator optimizer config (for the logged lr).
+    constrain: per-block hidden-state constraint (context parallelism) or None.
+    heads_graphdef: GAN heads graphdef (GAN variant).
+    gan_blocks: blocks feeding the heads.
+
+  Returns:
+    `step(state, base, batch1, batch2)`; base = {"student": ..., "score": ...}; each batch
+    {"history", "anchor", "target", "text", "neg_text"}.
+  """
+  from helios_jax.training import gan  # pylint: disable=g-import-not-at-top
+  make = forward_factory(graphdef, constrain)
+  lc = cfg.loss
+  critic_spec = cfg.critic
+
+  def disc_logits(score_base, critic_tr, x, t, text, hist):
+    v, feats = make(score_base, critic_tr, critic_spec, gan_blocks)(
+        x, t, text, sample_lib.noisy_indices(x.shape[0]), hist)
+    heads = nnx.merge(heads_graphdef, nnx.State(critic_tr["gan"]))
+    return heads(list(feats) + [v])                                   # [B, n_heads]
+
+  def crop(key, x):
+    return gan.random_crop(key, x, lc.gan_crop, multiple=2)
+
+  def gen_loss_fn(gen_tr, critic_tr, base, batch, key, step):
+    gen_fn = make(base["student"], gen_tr, gen_spec)
+    gen_ng = make(base["student"], jax.lax.stop_gradient(gen_tr), gen_spec)
+    critic_ng = jax.lax.stop_gradient(critic_tr)
+    real_fn = make(base["score"], EMPTY_TRAINABLES, critic_spec)
+    fake_fn = make(base["score"], critic_ng, critic_spec)
+    gan_g_fn = None
+    if lc.gan:
+      def gan_g_fn(x_g, t, text, hist, k):
+        xc = crop(k, x_g)
+        loss_of_x = lambda xx: gan.g_loss(
+            disc_logits(base["score"], critic_ng, xx, t, text, hist), lc.gan_g_weight)
+        return gan.cached_grad_surrogate(loss_of_x, xc)[1]
+    return distill.generator_dmd_loss(gen_fn, gen_ng, real_fn, fake_fn, batch,
+                                      batch["neg_text"], key, step, lc, gan_g_fn)
+
+  def critic_loss_fn(critic_tr, gen_tr, base, batch2, batch1, key, step):
+    gen_ng = make(base["student"], jax.lax.stop_gradient(gen_tr), gen_spec)
+    fake_fn = make(base["score"], critic_tr, critic_spec)
+    gan_d_fn = None
+    if lc.gan:
+      def gan_d_fn(x_fake, x_real, t, text, hist, k):
+        k1, k2, k3, k4 = jax.random.split(k, 4)
+        pert = x_real + lc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
+        xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
+        rep = lambda a: jnp.concatenate([a] * 3, axis=0)
+        from helios_jax.training import losses  # pylint: disable=g-import-not-at-top
+        logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
+                             losses._repeat_hist(hist, 3))  # pylint: disable=protected-access
+        lf, lr, lp = jnp.split(logits, 3, axis=0)
+        return gan.d_loss(lf, lr, lc.gan_d_weight), gan.approx_r1(lr, lp, lc.r1_weight)
+    return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, lc, gan_d_fn)
+
+  def step_fn(state, base, batch1, batch2):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_gen, k_critic = jax.random.split(key)
+    is_gen = (step % lc.gen_update_ratio) == 0
+    gen_tr, critic_tr = state["trainables"], state["critic"]
+
+    def gen_update(_):
+      (loss, aux), grads = jax.value_and_grad(gen_loss_fn, has_aux=True)(
+          gen_tr, critic_tr, base, batch1, k_gen, step)
+      gnorm = optax.global_norm(grads)
+      updates, opt = gen_tx.update(grads, state["opt_state"], gen_tr)
+      return optax.apply_updates(gen_tr, updates), opt, loss, gnorm, aux
+
+    out_shape = jax.eval_shape(gen_update, None)
+
+    def gen_skip(_):
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+      return (gen_tr, state["opt_state"]) + tuple(zeros[2:])
+
+    new_gen, new_gen_opt, g_loss, g_norm, g_aux = jax.lax.cond(is_gen, gen_update, gen_skip,
+                                                               None)
+    (c_loss, c_aux), c_grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(
+        critic_tr, new_gen, base, batch2, batch1, k_critic, step)
+    c_norm = optax.global_norm(c_grads)
+    c_updates, new_c_opt = critic_tx.update(c_grads, state["critic_opt_state"], critic_tr)
+    new_critic = optax.apply_updates(critic_tr, c_updates)
+
+    ok = (jnp.isfinite(g_loss) & jnp.isfinite(g_norm) & jnp.isfinite(c_loss)
+          & jnp.isfinite(c_norm))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    do_ema = ok & cfg.ema.enabled & (is_gen | (step < cfg.ema.update_after_step))
+    ema = ema_step(state, new_gen, do_ema, cfg.ema)
+    new_state = dict(state, step=step + 1,
+                     trainables=keep(new_gen, gen_tr),
+                     opt_state=keep(new_gen_opt, state["opt_state"]),
+                     critic=keep(new_critic, critic_tr),
+                     critic_opt_state=keep(new_c_opt, state["critic_opt_state"]), **ema)
+    metrics = {"loss": c_loss, "grad_norm": c_norm, "gen_loss": g_loss,
+               "gen_grad_norm": g_norm, "gen_step": is_gen,
+               "lr": optim.learning_rate(gen_optim, step), **g_aux, **c_aux}
+    return new_state, metrics
+
+  return step_fn
