@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast venv test-deps bench clean
+.PHONY: demo test test-all test-fast venv test-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ test-deps: $(VENV)/.test-installed
 demo: venv
 	$(BIN)/python -m helios_jax.generate --out outputs/demo.mp4
 
-# Whole test suite (pytest exit code 5 = "no tests collected" is not a failure).
+# The CI suite: everything but the multi-minute `heavy` runs (pytest exit code 5 = "no tests
+# collected" is not a failure). `make test-all` also runs the heavy ones.
 test: test-deps
+	$(BIN)/python -m pytest -q -ra -m "not heavy" tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test-all: test-deps
 	$(BIN)/python -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 test-fast: test-deps

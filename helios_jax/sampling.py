@@ -213,6 +213,54 @@ def history_inputs(state: HistoryState, batch_repeat: int = 1) -> HistoryInputs:
                        idx_long=ib(idx["long"]))
 
 
+def denoiser(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig, text: jax.Array,
+             neg_text: jax.Array | None, state: HistoryState, zero_mask: Any = None):
+  """`denoise(x, step) -> v`: the (guided) velocity of one sampler step.
+
+  Args:
+    graphdef, params: `nnx.split` of a `HeliosTransformer3DModel` (merged inside each step).
+    sc: the sampler config (guidance mode and scale; pyramid models get the truncated integer
+      `step.model_timestep`, Base the float `step.timestep`).
+    text: `[B, L, text_dim]` prompt embeddings.
+    neg_text: `[B, L, text_dim]` negative embeddings (required when guidance is on).
+    state: the history read by the chunk.
+    zero_mask: CFG-Zero* per-step zero-init mask (None: no zero-init).
+
+  Returns:
+    The denoiser closure (the history and text are prepared once).
+  """
+  dt = nnx.merge(graphdef, params).dtype
+  b = state.latents.shape[0]
+  cfg_on = sc.guidance != "none"
+  if cfg_on and neg_text is None:
+    raise ValueError(f"guidance={sc.guidance!r} needs negative prompt embeddings")
+  reps = 2 if cfg_on else 1
+  hist = history_inputs(state, reps)
+  hist = dataclasses.replace(hist, short=hist.short.astype(dt), mid=hist.mid.astype(dt),
+                             long=hist.long.astype(dt))
+  txt = jnp.concatenate([text, neg_text], axis=0) if cfg_on else text
+  txt = txt.astype(dt)
+  noisy_idx = jnp.broadcast_to(jnp.asarray(rope_indices()["noisy"], jnp.int32)[None],
+                               (b * reps, CHUNK_LATENT_FRAMES))
+  zero_mask = None if zero_mask is None else jnp.asarray(zero_mask)
+
+  def denoise(x, step):
+    xb = x.astype(dt)
+    t = step.model_timestep if sc.pyramid else step.timestep
+    if cfg_on:
+      xb = jnp.concatenate([xb, xb], axis=0)
+    model = nnx.merge(graphdef, params)
+    v = model.forward_channels_last(xb, t, txt, noisy_idx, hist)
+    if not cfg_on:
+      return v
+    vc, vu = v[:b], v[b:]
+    if sc.guidance == "cfg_zero_star":
+      return hs.cfg_zero_star(vc, vu, sc.guidance_scale, zero_mask[step.index])
+    return hs.cfg(vc, vu, sc.guidance_scale)
+
+  return denoise
+
+
 def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
                  first_chunk: bool, text: jax.Array,
                  neg_text: jax.Array | None, state: HistoryState, noise: ChunkNoise,
@@ -234,39 +282,9 @@ def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
     values the reference appends to its history.
   """
   dt = nnx.merge(graphdef, params).dtype
-  b = state.latents.shape[0]
-  cfg_on = sc.guidance != "none"
-  if cfg_on and neg_text is None:
-    raise ValueError(f"guidance={sc.guidance!r} needs negative prompt embeddings")
-  reps = 2 if cfg_on else 1
-  hist = history_inputs(state, reps)
-  hist = dataclasses.replace(hist, short=hist.short.astype(dt), mid=hist.mid.astype(dt),
-                             long=hist.long.astype(dt))
-  txt = jnp.concatenate([text, neg_text], axis=0) if cfg_on else text
-  txt = txt.astype(dt)
-  noisy_idx = jnp.broadcast_to(jnp.asarray(rope_indices()["noisy"], jnp.int32)[None],
-                               (b * reps, CHUNK_LATENT_FRAMES))
   if chol is None and sc.block_noise_chol is not None:
     chol = jnp.asarray(sc.block_noise_chol, F32)
-
-  def make_denoise(zero_mask):
-    zero_mask = jnp.asarray(zero_mask)
-
-    def denoise(x, step):
-      xb = x.astype(dt)
-      t = step.model_timestep if sc.pyramid else step.timestep
-      if cfg_on:
-        xb = jnp.concatenate([xb, xb], axis=0)
-      model = nnx.merge(graphdef, params)
-      v = model.forward_channels_last(xb, t, txt, noisy_idx, hist)
-      if not cfg_on:
-        return v
-      vc, vu = v[:b], v[b:]
-      if sc.guidance == "cfg_zero_star":
-        return hs.cfg_zero_star(vc, vu, sc.guidance_scale, zero_mask[step.index])
-      return hs.cfg(vc, vu, sc.guidance_scale)
-
-    return denoise
+  make_denoise = functools.partial(denoiser, graphdef, params, sc, text, neg_text, state)
 
   stages = _tables(sc, sc.amplified(first_chunk))
   if not sc.pyramid:

@@ -131,6 +131,7 @@ def test_dry_run_compile_reports_buffers(e2e, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_jax_smoke_run(e2e, tmp_path, capsys):
   out = tmp_path / "e2e.json"
   res = e2e.main(["--preset", "tiny", "--chunks", "2", "--no_torch", "--height", "64",

@@ -152,6 +152,7 @@ def test_generate_resume_naming_metrics_and_fps(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_default_tiny_preset_two_chunks(tiny_dir, tmp_path, monkeypatch, capsys):
   """Without --model_dir the CLI builds the tiny preset in a temp dir; a 2-chunk video."""
   built = []

@@ -353,9 +353,46 @@ def test_dmd_losses_do_not_leak_gradients(dmd_setup):
                                jax.random.key(1), 0, cfg)[0]
 
   critic_lora = {"lora": state["critic"]["lora"], "full": {}}
-  g = jax.jit(jax.grad(gen_loss))(critic_lora, state["trainables"])
-  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
-  g = jax.jit(jax.grad(critic_loss))(state["trainables"], critic_lora)
-  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
-  g = jax.jit(jax.grad(gen_loss, argnums=1))(critic_lora, state["trainables"])
-  assert any(float(jnp.max(jnp.abs(x))) > 0.0 for x in jax.tree.leaves(g))
+  grads = lambda c, g: (jax.grad(gen_loss, argnums=(0, 1))(c, g), jax.grad(critic_loss)(g, c))
+  args = (critic_lora, state["trainables"])
+  (g_critic, g_gen), c_gen = jax.jit(grads).lower(*args).compile(FAST_XLA)(*args)
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_critic))
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(c_gen))
+  assert any(float(jnp.max(jnp.abs(x))) > 0.0 for x in jax.tree.leaves(g_gen))
+
+
+def test_stage3_experiment_configs():
+  """Released values (spec §7.0 S3 columns) and clear errors for bad settings."""
+  from experiments import stage3_dmd, stage3_ode  # pylint: disable=g-import-not-at-top
+  from helios_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from helios_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  ode = trainer.settings_from_config(stage3_ode.get_config(""))
+  assert ode.seed == 47 and ode.kind == "ode_regression"
+  assert (ode.optim.lr, ode.optim.b1, ode.optim.weight_decay, ode.optim.grad_clip) == (
+      2e-6, 0.0, 1e-3, 10.0)
+  assert ode.stage3.ema == stage3.EmaConfig(True, 0.99, 250)
+  assert ode.stage3.loss.ode_weight == 80.0 and ode.stage3.loss.ode_sections == 3
+  assert ode.trainable.rank == 256 and ode.trainable.memory_patches == "lora"
+  assert ode.trainable.patch_embedding == "frozen" and not ode.objective.drop.enabled
+  dmd = trainer.settings_from_config(stage3_dmd.get_config("gan"))
+  assert dmd.seed == 49 and dmd.kind == "dmd"
+  s3 = dmd.stage3
+  assert s3.critic_optim.lr == 4e-7 and s3.critic.memory_patches == "frozen"
+  assert s3.critic.linears == "lora" and s3.critic.rank == 256
+  assert s3.ema == stage3.EmaConfig(True, 0.99, 750)
+  lc = s3.loss
+  assert (lc.gen_update_ratio, lc.real_guidance, lc.beta_a, lc.beta_b) == (5, 3.0, 4.0, 1.5)
+  assert lc.t_clamp == (20.0, 980.0) and lc.gan and lc.gan_start_step == 1000
+  assert lc.saturation and lc.corrupt.mode == "random" and lc.drop.p_v2v == 0.5
+  tiny = trainer.settings_from_config(stage3_dmd.get_config("tiny"))
+  assert tiny.stage3.score_model.preset == "tiny" and not tiny.stage3.loss.gan
+  bad = stage3_ode.get_config("tiny")
+  bad.data.source = "synthetic"
+  with pytest.raises(ConfigError, match="data.source='synthetic'"):
+    trainer.settings_from_config(bad)
+  bad = stage3_dmd.get_config("tiny")
+  bad.stage3.student_steps = (2, 2)
+  with pytest.raises(ValueError, match=r"student_steps=\(2, 2\)"):
+    trainer.settings_from_config(bad)
+  with pytest.raises(ValueError, match="unknown config argument 'gann'"):
+    stage3_dmd.get_config("gann")

@@ -227,6 +227,7 @@ def test_cli_bad_input(cli_env, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_four_device_mesh_matches_one_device(cli_env, reference_run, tmp_path):
   ref = _metrics(reference_run)
   for mesh in (("--config.mesh.data=2", "--config.mesh.fsdp=2"),
@@ -240,6 +241,7 @@ def test_four_device_mesh_matches_one_device(cli_env, reference_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_match_one_process(cli_env, reference_run, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))

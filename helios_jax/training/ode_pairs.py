@@ -306,34 +306,6 @@ class SectionRecord:
     return self.end[-1]
 
 
-def _make_denoise(graphdef: nnx.GraphDef, params: nnx.State, oc: OdeConfig, text: jax.Array,
-                  neg_text: jax.Array | None, state: sampling.HistoryState
-                  ) -> Callable[[jax.Array, Any], jax.Array]:
-  """`denoise(x, step) -> v`: the Mid teacher's guided velocity (as `sampling.sample_chunk`)."""
-  dt = nnx.merge(graphdef, params).dtype
-  b = state.latents.shape[0]
-  reps = 2 if oc.cfg_on else 1
-  hist = sampling.history_inputs(state, reps)
-  hist = dataclasses.replace(hist, short=hist.short.astype(dt), mid=hist.mid.astype(dt),
-                             long=hist.long.astype(dt))
-  txt = (jnp.concatenate([text, neg_text], axis=0) if oc.cfg_on else text).astype(dt)
-  noisy_idx = jnp.broadcast_to(jnp.asarray(sampling.rope_indices()["noisy"], jnp.int32)[None],
-                               (b * reps, WINDOW))
-
-  def denoise(x, step):
-    xb = x.astype(dt)
-    if oc.cfg_on:
-      xb = jnp.concatenate([xb, xb], axis=0)
-    model = nnx.merge(graphdef, params)
-    # The pyramid pipelines (the ODE one included) feed the truncated integer timestep.
-    v = model.forward_channels_last(xb, step.model_timestep, txt, noisy_idx, hist)
-    if not oc.cfg_on:
-      return v
-    return hs.cfg(v[:b], v[b:], float(oc.guidance_scale))
-
-  return denoise
-
-
 def run_unipc_recording(x: jax.Array, table: tables.UniPCTable,
                         denoise: Callable[[jax.Array, Any], jax.Array]
                         ) -> tuple[jax.Array, jax.Array]:
@@ -377,7 +349,8 @@ def record_section(graphdef: nnx.GraphDef, oc: OdeConfig, first_section: bool,
   if oc.cfg_on and neg_text is None:
     raise ValueError(f"guidance_scale={oc.guidance_scale} needs negative prompt embeddings")
   dt = nnx.merge(graphdef, params).dtype
-  denoise = _make_denoise(graphdef, params, oc, text, neg_text, state)
+  # The pyramid pipelines (the ODE one included) feed the truncated integer timestep.
+  denoise = sampling.denoiser(graphdef, params, oc.sampler_config(), text, neg_text, state)
   const = pyr.constants_for(oc.scheduler)
   x = hs.noise_pyramid_start(noise.eps.astype(F32), oc.num_stages)
   xts, ts, ends = [], [], []
