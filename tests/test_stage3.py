@@ -244,8 +244,13 @@ def test_gan_features_captured_from_the_backbone():
   text = jnp.ones((b, 4, config.text_dim))
   idx = sample.noisy_indices(b)
   t = jnp.asarray([500.0])
-  v = model.forward_channels_last(x, t, text, idx, hist)
-  v2, feats = model.forward_channels_last(x, t, text, idx, hist, capture_blocks=(0, 1))
+
+  @jax.jit
+  def both(x):
+    return (model.forward_channels_last(x, t, text, idx, hist),
+            model.forward_channels_last(x, t, text, idx, hist, capture_blocks=(0, 1)))
+
+  v, (v2, feats) = both(x)
   np.testing.assert_allclose(np.asarray(v2), np.asarray(v), rtol=1e-6, atol=1e-6)
   assert [f.shape for f in feats] == [(b, 9, h // 2, w // 2, config.inner_dim)] * 2
   assert not np.allclose(np.asarray(feats[0]), np.asarray(feats[1]))
@@ -330,6 +335,8 @@ def test_dmd_step_keeps_generator_critic_and_real_score_apart(dmd_setup):
     np.testing.assert_allclose(e, p, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
 def test_dmd_losses_do_not_leak_gradients(dmd_setup):
   """The generator loss has zero gradient w.r.t. the critic and vice versa."""
   step, state, base, b1, b2, graphdef, critic_spec = dmd_setup

@@ -122,3 +122,17 @@ def test_ema_generator_exports_as_a_distilled_pipeline(cli_env, chain, tmp_path)
   diff = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
           zip(jax.tree.leaves(student), jax.tree.leaves(merged))]
   assert max(diff) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_dmd_two_device_data_mesh_matches_one_device(cli_env, tmp_path):
+  args = ["--config=experiments/stage3_dmd.py:tiny,steps=2"]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _ok(_run(cli_env, args + [f"--workdir={one}"]))
+  _ok(_run(cli_env, args + ["--config.mesh.data=2", "--config.mesh.fsdp=1", f"--workdir={two}"],
+           devices=2))
+  a, b = _metrics(one), _metrics(two)
+  for s in (1, 2):
+    for k in ("loss", "grad_norm", "gen_loss", "gen_grad_norm", "dmd_loss"):
+      assert abs(a[s][k] - b[s][k]) <= 1e-5 * max(1.0, abs(a[s][k])), (s, k)

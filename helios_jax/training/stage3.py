@@ -23,12 +23,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from helios_jax.config import ConfigError
+from helios_jax.training import corrupt as corrupt_lib
 from helios_jax.training import distill
+from helios_jax.training import gan
 from helios_jax.training import lora
+from helios_jax.training import losses
 from helios_jax.training import model as model_lib
 from helios_jax.training import optim
 from helios_jax.training import sample as sample_lib
@@ -72,7 +76,6 @@ def settings_from_config(c, model_from) -> Stage3Settings:
   """Parses the Stage 3 groups (`model_from(group)` builds a BaseModelConfig)."""
   s = c.stage3
   cor = c.corrupt
-  from helios_jax.training import corrupt as corrupt_lib  # pylint: disable=g-import-not-at-top
   loss = distill.Stage3Config(
       student_steps=tuple(int(x) for x in s.student_steps),
       amplify_first_chunk=bool(s.amplify_first_chunk), ode_weight=float(s.ode_weight),
@@ -138,7 +141,6 @@ def forward_factory(graphdef: nnx.GraphDef, constrain=None):
 
 def negative_text(path: str, text_len: int, text_dim: int):
   """`[text_len, text_dim]` fp32 negative-prompt embedding: a `.npy` file, or zeros for ""."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   if not path:
     return np.zeros((text_len, text_dim), np.float32)
   try:
@@ -176,7 +178,6 @@ def ema_step(state: dict[str, Any], new_trainables: Any, do_update: jax.Array,
 
 def make_heads(model_config, cfg: Stage3Settings):
   """(graphdef, fp32 params) of the GAN heads on the score backbone, and the captured blocks."""
-  from helios_jax.training import gan  # pylint: disable=g-import-not-at-top
   blocks = tuple(cfg.loss.gan_blocks) or gan.head_blocks(model_config.num_layers)
   in_ch = tuple([model_config.inner_dim] * len(blocks)) + (model_config.out_dim,)
   heads = gan.DiscriminatorHeads(in_ch, width=cfg.gan.width, groups=cfg.gan.groups,
@@ -212,7 +213,6 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
     `step(state, base, batch1, batch2)`; base = {"student": ..., "score": ...}; each batch
     {"history", "anchor", "target", "text", "neg_text"}.
   """
-  from helios_jax.training import gan  # pylint: disable=g-import-not-at-top
   make = forward_factory(graphdef, constrain)
   lc = cfg.loss
   critic_spec = cfg.critic
@@ -252,7 +252,6 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
         pert = x_real + lc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
         xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
         rep = lambda a: jnp.concatenate([a] * 3, axis=0)
-        from helios_jax.training import losses  # pylint: disable=g-import-not-at-top
         logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
                              losses._repeat_hist(hist, 3))  # pylint: disable=protected-access
         lf, lr, lp = jnp.split(logits, 3, axis=0)
