@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import statistics
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -39,15 +43,6 @@ def history_inputs(b: int, c: int, h: int, w: int, text_dim: int, seed: int = 0)
       "latents_history_long": rnd(b, c, 16, h, w),
       "indices_latents_history_long": torch.arange(1, 17).repeat(b, 1),
   }
-
-
-def timeit(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def main():

@@ -60,6 +60,9 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
 import numpy as np
 
 # JAX's GPU pool defaults to 75% of the device: too little for the 40.6 GB of 14B-pipeline
@@ -228,12 +231,7 @@ def host_peak_rss_bytes() -> int:
 
 
 def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(timeit(fn, repeats))
 
 
 def _tree_bytes(tree) -> int:

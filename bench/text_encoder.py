@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import statistics
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -23,15 +27,6 @@ import numpy as np
 import torch
 
 from helios_jax.models.text_encoder import load_text_encoder
-
-
-def timeit(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def main():

@@ -23,9 +23,13 @@ import argparse
 import contextlib
 import functools
 import os
+import sys
 import statistics
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +37,6 @@ import numpy as np
 from flax import nnx
 
 from helios_jax.models import vae as vae_lib
-
-
-def timeit(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
 
 
 def _row(name: str, times: list[float], extra: str = "") -> str:
