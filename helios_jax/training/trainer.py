@@ -415,7 +415,12 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                       in_shardings=(state_shardings, base_shardings, None),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
   _, h, w = next(iter(plan.buckets))  # tokens/s uses the first bucket's size
-  tokens = losses.tokens_per_sample(st.objective.kind, h, w, st.objective.multiplicities,
+  mult = st.objective.multiplicities
+  if st.kind == "ode_regression":    # one forward per chosen section and pyramid stage
+    mult = (st.stage3.loss.ode_sections,) * 3
+  elif st.kind == "dmd":             # lower bound: the two rollouts' exit steps per stage, plus
+    mult = (2, 2, 2 + 4)             # fake + real cond / uncond scores and the critic forward
+  tokens = losses.tokens_per_sample(st.objective.kind, h, w, mult,
                                     model_config.patch_size) * gbs
   neg = None
   if st.kind == "dmd":
