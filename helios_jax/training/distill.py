@@ -22,6 +22,12 @@ so that x - (x - g) recovers g. We never form that difference: the step differen
 surrogate sum(sg(g / N) * x_hat), whose gradient is exactly g / N in fp32, and report the
 reference's value 0.5 mean(g^2) (= the float64 loss) as the loss. No float64 is needed.
 
+Critic step decisions (quirks 6-7): the GAN variant's critic gradient is that of
+L_fake + L_D + R1 with one optimizer step and the config's clipping (10), i.e. the reference's
+"low-VRAM GAN mode" with its two backward calls accumulated, not DeepSpeed's implicit second
+step or its 1.0 clip. Draws #1 and #2 of a DMD step are two consecutive batches of the input
+pipeline (two clips, each with its own caption) rather than two sections of one clip.
+
 Timestep convention (quirk 14): every network call of Stage 3 gets float timesteps (the
 training convention); the DMD / critic scoring timesteps are rounded integers as in the
 reference.
