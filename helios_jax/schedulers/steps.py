@@ -173,25 +173,29 @@ def run_euler(x: jax.Array, table: EulerTable, denoise: Denoise) -> jax.Array:
   return jax.lax.scan(body, x.astype(carry_dtype), table)[0].astype(out_dtype)
 
 
-def run_unipc(x: jax.Array, table: UniPCTable, denoise: Denoise) -> jax.Array:
+def run_unipc(x: jax.Array, table: UniPCTable, denoise: Denoise,
+              return_states: bool = False):
   """All UniPC steps of a schedule (one Base chunk or one Mid stage).
 
   Args:
     x: [B, T, H, W, C] fp32 start sample.
     table: `unipc_table(config, schedule)`.
     denoise: `denoise(x, step) -> v` (guidance applied inside).
+    return_states: also return the sample before every step (Stage 3 ODE pairs).
 
   Returns:
-    [B, T, H, W, C] fp32 sample after the last step (the stage output).
+    [B, T, H, W, C] fp32 sample after the last step (the stage output); with
+    `return_states`, the pair (that sample, [N, B, T, H, W, C] inputs of the N steps).
   """
   k = table.c_rk.shape[-1] + 1
 
   def body(carry, step):
     x, state = carry
-    state, x = unipc_step(state, x, denoise(x, step), step)
-    return (x, state), None
+    state, x_next = unipc_step(state, x, denoise(x, step), step)
+    return (x_next, state), (x if return_states else None)
 
-  return jax.lax.scan(body, (x, unipc_init(x, k)), table)[0][0]
+  (x, _), states = jax.lax.scan(body, (x, unipc_init(x, k)), table)
+  return (x, states) if return_states else x
 
 
 def run_dmd(start: jax.Array, table: DMDTable, denoise: Denoise) -> jax.Array:

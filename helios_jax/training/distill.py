@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax import sampling
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.schedulers import tables
 from helios_jax.training import corrupt as corrupt_lib
@@ -246,31 +247,24 @@ def beta_parameters(step: jax.Array, cfg: Stage3Config) -> tuple[jax.Array, jax.
   return 1.0 + (cfg.beta_a - 1.0) * c, 1.0 + (cfg.beta_b - 1.0) * c
 
 
+def _scoring_timesteps(u: jax.Array, height: int, width: int, cfg: Stage3Config):
+  """u in [0, 1] -> (timesteps: linear shift, clamp, round; sigmas by nearest lookup)."""
+  table_t, table_s, mu = scoring_table(height, width)
+  t = _shift_clamp_round(u, mu, cfg.t_clamp)
+  return t, student_lib.nearest_sigma(t, table_t, table_s)
+
+
 def generator_timesteps(key, b: int, step, height: int, width: int, cfg: Stage3Config):
   """`[B]` DMD scoring timesteps (Beta -> uniform annealed, linear shift, clamp, round) and
   their sigmas by nearest lookup."""
   a, bb = beta_parameters(step, cfg)
-  u = jax.random.beta(key, a, bb, (b,), F32)
-  table_t, table_s, mu = scoring_table(height, width)
-  t = _shift_clamp_round(u, mu, cfg.t_clamp)
-  return t, _lookup(t, table_t, table_s)
+  return _scoring_timesteps(jax.random.beta(key, a, bb, (b,), F32), height, width, cfg)
 
 
 def critic_timesteps(key, b: int, height: int, width: int, cfg: Stage3Config):
   """`[B]` critic timesteps: u ~ U(u_min, 1), linear shift, clamp, round; sigmas by lookup."""
   u = jax.random.uniform(key, (b,), F32, cfg.critic_u_min, 1.0)
-  table_t, table_s, mu = scoring_table(height, width)
-  t = _shift_clamp_round(u, mu, cfg.t_clamp)
-  return t, _lookup(t, table_t, table_s)
-
-
-def _lookup(t, table_t, table_s):
-  i = jnp.argmin(jnp.abs(jnp.asarray(table_t)[None, :] - t[:, None]), axis=1)
-  return jnp.asarray(table_s)[i]
-
-
-def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
-  return s.reshape((-1,) + (1,) * (like.ndim - 1))
+  return _scoring_timesteps(u, height, width, cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,14 +322,12 @@ def ode_regression_loss(model_fn: ModelFn, batch: dict[str, jax.Array], key: jax
   height, width = batch[f"end{last}"].shape[3:5]
   plain = student_lib.student_schedule(tuple(cfg.student_steps), height, width, False)
   finals = batch[f"end{last}"].astype(F32)                       # [B, S, 9, H, W, C]
-  hist_frames = sample_lib.NUM_HISTORY
-  history = jnp.zeros((b, hist_frames) + finals.shape[3:], F32)
-  anchor = jnp.zeros((b, 1) + finals.shape[3:], F32)
+  state = sampling.empty_history(b, height, width, finals.shape[-1])
   idx = sample_lib.noisy_indices(b)
   total = 0.0
   aux = {}
   for s in range(num_sections):
-    hist = sample_lib.history_inputs(history, anchor)
+    hist = sampling.history_inputs(state)
     for k in range(pyr.NUM_STAGES):
       xt_all, t_all = batch[f"xt{k}"][:, s], batch[f"t{k}"][:, s]
       n_valid = batch[f"n{k}"][:, s]
@@ -352,10 +344,8 @@ def ode_regression_loss(model_fn: ModelFn, batch: dict[str, jax.Array], key: jax
           lambda: jnp.zeros((), F32))
       total = total + term
       aux[f"ode_stage{k}"] = aux.get(f"ode_stage{k}", 0.0) + term / cfg.ode_sections
-    final = finals[:, s]
-    if s == 0:
-      anchor = final[:, :1]
-    history = jnp.concatenate([history, final], axis=1)[:, -hist_frames:]
+    # teacher forcing: the teacher's section output joins the history (anchor after section 0)
+    state = sampling.advance(state, finals[:, s], s == 0)
   loss = cfg.ode_weight * total / (cfg.ode_sections * pyr.NUM_STAGES)
   return loss, aux
 
@@ -368,7 +358,7 @@ def critic_flow_loss(fake_fn: ModelFn, x_hat: jax.Array, eps: jax.Array, t: jax.
     (loss, x_c).
   """
   x_hat = jax.lax.stop_gradient(x_hat.astype(F32))
-  s = _bcast(sigma, x_hat)
+  s = student_lib.per_sample(sigma, x_hat)
   x_c = (1.0 - s) * x_hat + s * eps
   v = fake_fn(x_c, t, text, sample_lib.noisy_indices(x_hat.shape[0]), hist)
   return jnp.mean(jnp.square(v.astype(F32) - (eps - x_hat))), x_c
@@ -385,7 +375,7 @@ def real_score_x0(real_fn: ModelFn, x_t, t, sigma, text, neg_text, hist, scale: 
   """r = r_c + scale (r_c - r_u), one batched forward over [cond | uncond]."""
   b = x_t.shape[0]
   two = lambda a: jnp.concatenate([a, a], axis=0)
-  hist2 = losses._repeat_hist(hist, 2)  # pylint: disable=protected-access
+  hist2 = losses.repeat_hist(hist, 2)
   r = score_x0(real_fn, two(x_t), two(t), two(sigma), jnp.concatenate([text, neg_text], 0),
                hist2)
   rc, ru = r[:b], r[b:]
@@ -419,7 +409,7 @@ def generator_dmd_loss(gen_fn, gen_fn_nograd, real_fn, fake_fn, batch, neg_text,
   x_hat, aux = rollout(gen_fn, gen_fn_nograd, k_roll, text, hist_sat, zero, eps0, cfg)
   t, sigma = generator_timesteps(k_t, b, step, h, w, cfg)
   noise = jax.random.normal(k_noise, x_hat.shape, F32)
-  s = _bcast(sigma, x_hat)
+  s = student_lib.per_sample(sigma, x_hat)
   x_t = (1.0 - s) * jax.lax.stop_gradient(x_hat) + s * noise
   f = score_x0(fake_fn, x_t, t, sigma, text, hist)
   r = real_score_x0(real_fn, x_t, t, sigma, text, neg_text, hist, cfg.real_guidance)
@@ -466,7 +456,7 @@ def critic_loss(gen_fn_nograd, fake_fn, batch2, batch1, key, step, cfg: Stage3Co
   loss, x_c = critic_flow_loss(fake_fn, x_hat, noise, t, sigma, text, hist)
   aux = {"critic_fm_loss": loss, "critic_t_mean": jnp.mean(t)}
   if cfg.gan and gan_d_fn is not None:
-    s = _bcast(sigma, x_hat)
+    s = student_lib.per_sample(sigma, x_hat)
     real_t = (1.0 - s) * batch1["target"].astype(F32) + s * noise
     active = jnp.asarray(step) >= cfg.gan_start_step
     d_loss, r1 = jax.lax.cond(active, lambda: gan_d_fn(x_c, real_t, t, text, hist, k_gan),

@@ -77,10 +77,12 @@ class TrainableSpec:
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "TrainableSpec":
+    """From an experiment's `trainable` group (`lora_init_std` <= 0 or absent: 1 / rank)."""
+    std = cfg.get("lora_init_std")
     return cls(rank=int(cfg["lora_rank"]), alpha=float(cfg["lora_alpha"]),
                linears=str(cfg["linears"]), patch_embedding=str(cfg["patch_embedding"]),
                memory_patches=str(cfg["memory_patches"]),
-               init_std=None if cfg.get("lora_init_std") is None else float(cfg["lora_init_std"]))
+               init_std=float(std) if std is not None and float(std) > 0 else None)
 
 
 def _is_stem(path: tuple[str, ...]) -> str | None:

@@ -233,7 +233,8 @@ def prepare_conditioning(key: jax.Array, batch: dict[str, jax.Array], cfg: Objec
   return sample_lib.history_inputs(history, anchor), text, stats
 
 
-def _repeat_hist(hist, r: int):
+def repeat_hist(hist, r: int):
+  """`HistoryInputs` tiled r times along the batch (draw-major, as the draws' inputs)."""
   if r == 1:
     return hist
   rep = lambda a: None if a is None else jnp.concatenate([a] * r, axis=0)
@@ -286,7 +287,7 @@ def pyramid_loss(model_fn: ModelFn, batch: dict[str, jax.Array], key: jax.Array,
   for d in draws:
     r = d.x.shape[0] // b
     v = model_fn(d.x, d.t, jnp.concatenate([text] * r, axis=0) if r > 1 else text,
-                 sample_lib.noisy_indices(d.x.shape[0]), _repeat_hist(hist, r))
+                 sample_lib.noisy_indices(d.x.shape[0]), repeat_hist(hist, r))
     mse = per_sample_mse(v, d.target).reshape(r, b)   # [draw, sample]
     per_draw = jnp.mean(mse, axis=1)                  # batch mean per draw
     total = total + jnp.sum(per_draw)

@@ -306,25 +306,6 @@ class SectionRecord:
     return self.end[-1]
 
 
-def run_unipc_recording(x: jax.Array, table: tables.UniPCTable,
-                        denoise: Callable[[jax.Array, Any], jax.Array]
-                        ) -> tuple[jax.Array, jax.Array]:
-  """`hs.run_unipc` that also returns the sample before every step.
-
-  Returns:
-    (final sample `[B, ...]`, states `[N, B, ...]`; states[i] is the input of step i).
-  """
-  k = table.c_rk.shape[-1] + 1
-
-  def body(carry, step):
-    x, st = carry
-    st, x_next = hs.unipc_step(st, x, denoise(x, step), step)
-    return (x_next, st), x
-
-  (x, _), states = jax.lax.scan(body, (x, hs.unipc_init(x, k)), table)
-  return x, states
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def record_section(graphdef: nnx.GraphDef, oc: OdeConfig, first_section: bool,
                    params: nnx.State, text: jax.Array, neg_text: jax.Array | None,
@@ -357,7 +338,8 @@ def record_section(graphdef: nnx.GraphDef, oc: OdeConfig, first_section: bool,
   for k, stage in enumerate(oc.stages(first_section)):
     if k:
       x = hs.stage_transition(x, noise.block[k - 1], k, const, chol=chol, noise_dtype=dt)
-    x, states = run_unipc_recording(x, hs.unipc_table(oc.scheduler, stage.schedule), denoise)
+    x, states = hs.run_unipc(x, hs.unipc_table(oc.scheduler, stage.schedule), denoise,
+                             return_states=True)
     xts.append(jnp.moveaxis(states[np.asarray(stage.record_index)], 0, 1).astype(F32))
     ts.append(jnp.asarray(stage.recorded_timesteps, F32))
     ends.append(x.astype(F32))

@@ -28,7 +28,6 @@ import optax
 from flax import nnx
 
 from helios_jax.config import ConfigError
-from helios_jax.training import corrupt as corrupt_lib
 from helios_jax.training import distill
 from helios_jax.training import gan
 from helios_jax.training import lora
@@ -48,6 +47,11 @@ class EmaConfig:
   enabled: bool = False
   decay: float = 0.99
   update_after_step: int = 0
+
+  @classmethod
+  def from_config(cls, e) -> "EmaConfig":
+    return cls(enabled=bool(e.enabled), decay=float(e.decay),
+               update_after_step=int(e.update_after_step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +76,9 @@ class Stage3Settings:
   negative_text: str = ""
 
 
-def settings_from_config(c, model_from) -> Stage3Settings:
-  """Parses the Stage 3 groups (`model_from(group)` builds a BaseModelConfig)."""
+def settings_from_config(c, objective: losses.ObjectiveConfig) -> Stage3Settings:
+  """Parses the Stage 3 groups; the drop and corruption come from the parsed `objective`."""
   s = c.stage3
-  cor = c.corrupt
   loss = distill.Stage3Config(
       student_steps=tuple(int(x) for x in s.student_steps),
       amplify_first_chunk=bool(s.amplify_first_chunk), ode_weight=float(s.ode_weight),
@@ -87,31 +90,18 @@ def settings_from_config(c, model_from) -> Stage3Settings:
       gan_g_weight=float(s.gan_g_weight), gan_d_weight=float(s.gan_d_weight),
       r1_weight=float(s.r1_weight), r1_sigma=float(s.r1_sigma), gan_crop=float(s.gan_crop),
       gan_blocks=tuple(int(x) for x in s.gan_blocks),
-      drop=sample_lib.DropConfig(p_t2v=float(c.drop.p_t2v), p_i2v=float(c.drop.p_i2v),
-                                 p_v2v=float(c.drop.p_v2v), enabled=bool(c.drop.enabled)),
-      corrupt=corrupt_lib.CorruptConfig(
-          mode=str(cor.mode), clean_prob=float(cor.clean_prob),
-          noise_prob=float(cor.noise_prob), sigma_max=float(cor.sigma_max),
-          blur_min=float(cor.blur_min), blur_max=float(cor.blur_max), saturation=False,
-          saturation_keep_prob=float(cor.saturation_keep_prob)),
-      saturation=bool(cor.saturation))
-  ema = EmaConfig(enabled=bool(c.ema.enabled), decay=float(c.ema.decay),
-                  update_after_step=int(c.ema.update_after_step))
-  kind = str(c.objective.kind)
-  if kind != "dmd":
+      drop=objective.drop,
+      # saturation runs inside the rollout only (`distill.prepare_history`)
+      corrupt=dataclasses.replace(objective.corrupt, saturation=False),
+      saturation=objective.corrupt.saturation)
+  ema = EmaConfig.from_config(c.ema)
+  if objective.kind != "dmd":
     return Stage3Settings(loss=loss, ema=ema)
-  t = c.critic.trainable
-  critic = lora.TrainableSpec(rank=int(t.lora_rank), alpha=float(t.lora_alpha),
-                              linears=str(t.linears), patch_embedding=str(t.patch_embedding),
-                              memory_patches=str(t.memory_patches),
-                              init_std=float(t.lora_init_std) if t.lora_init_std > 0 else None)
-  o = c.critic.optim
-  copt = optim.OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps), b1=float(o.b1),
-                           b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
-                           grad_clip=float(o.grad_clip))
   g = c.stage3.heads
-  return Stage3Settings(loss=loss, ema=ema, critic=critic, critic_optim=copt,
-                        score_model=model_from(c.score_model),
+  return Stage3Settings(loss=loss, ema=ema,
+                        critic=lora.TrainableSpec.from_config(c.critic.trainable),
+                        critic_optim=optim.OptimConfig.from_config(c.critic.optim),
+                        score_model=model_lib.BaseModelConfig.from_config(c.score_model),
                         gan=GanHeadConfig(width=int(g.width), groups=int(g.groups),
                                           seed=int(g.seed)),
                         negative_text=str(c.stage3.negative_text))
@@ -253,7 +243,7 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
         xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
         rep = lambda a: jnp.concatenate([a] * 3, axis=0)
         logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
-                             losses._repeat_hist(hist, 3))  # pylint: disable=protected-access
+                             losses.repeat_hist(hist, 3))
         lf, lr, lp = jnp.split(logits, 3, axis=0)
         return gan.d_loss(lf, lr, lc.gan_d_weight), gan.approx_r1(lr, lp, lc.r1_weight)
     return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, lc, gan_d_fn)

@@ -101,14 +101,24 @@ def student_schedule(steps: tuple[int, ...], height: int, width: int, amplify: b
   return tuple(out)
 
 
-def lookup_sigma(t: jax.Array, stage: StageSchedule) -> jax.Array:
-  """Traced nearest-timestep sigma lookup (`[B]` timesteps -> `[B]` fp32 sigmas)."""
-  table_t = jnp.asarray(stage.table_t, F32)
+def nearest_sigma(t: jax.Array, table_t, table_sigma) -> jax.Array:
+  """Traced nearest-timestep lookup (`[B]` timesteps -> `[B]` fp32 sigmas of a paired
+  (timestep, sigma) table; first index on ties, as torch.argmin)."""
+  table_t = jnp.asarray(table_t, F32)
   idx = jnp.argmin(jnp.abs(table_t[None, :] - jnp.asarray(t, F32)[:, None]), axis=1)
-  return jnp.asarray(stage.table_sigma, F32)[idx]
+  return jnp.asarray(table_sigma, F32)[idx]
+
+
+def lookup_sigma(t: jax.Array, stage: StageSchedule) -> jax.Array:
+  """`nearest_sigma` in a stage's shifted 1000-entry table."""
+  return nearest_sigma(t, stage.table_t, stage.table_sigma)
+
+
+def per_sample(s: jax.Array, like: jax.Array) -> jax.Array:
+  """`[B]` -> `[B, 1, ..., 1]` broadcastable against `like`."""
+  return s.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def flow_to_x0(v: jax.Array, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
   """x0 = x_t - sigma v (fp32), sigma `[B]` broadcast over `[B, T, h, w, C]`."""
-  s = sigma.astype(F32).reshape((-1,) + (1,) * (x_t.ndim - 1))
-  return x_t.astype(F32) - s * v.astype(F32)
+  return x_t.astype(F32) - per_sample(sigma.astype(F32), x_t) * v.astype(F32)

@@ -48,6 +48,7 @@ from flax import nnx
 from helios_jax.config import ConfigError
 from helios_jax.data import pipeline as pipeline_lib
 from helios_jax.data.clips import DataError
+from helios_jax.schedulers import pyramid as pyr
 from helios_jax.training import checkpointing
 from helios_jax.training import corrupt as corrupt_lib
 from helios_jax.training import distill
@@ -64,10 +65,11 @@ CONFIG_FILE = "config.json"
 DEVICE_KEYS = ("history", "anchor", "target", "text")
 
 
-def device_keys(kind: str, batch: dict[str, Any]) -> tuple[str, ...]:
+def device_keys(kind: str) -> tuple[str, ...]:
   """The batch entries the step reads (ODE-pair records: text and every per-stage array)."""
   if kind == "ode_regression":
-    return tuple(k for k in batch if k == "text" or k[:2] in ("xt", "en") or k[:1] in "tn")
+    from helios_jax.training import ode_pairs  # pylint: disable=g-import-not-at-top
+    return ode_pairs.record_keys(pyr.NUM_STAGES)
   return DEVICE_KEYS
 
 
@@ -94,15 +96,6 @@ class Settings:
     return self.objective.kind
 
 
-def _model_config(m) -> model_lib.BaseModelConfig:
-  return model_lib.BaseModelConfig(
-      init_from=str(m.init_from), init_format=str(m.init_format), preset=str(m.preset),
-      overrides=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                             for k, v in m.overrides.items())),
-      param_dtype=str(m.param_dtype), remat=str(m.remat), attention=str(m.attention),
-      seed=int(m.seed), init_memory_from_patch_embedding=bool(m.init_memory_from_patch_embedding))
-
-
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
   """Builds and validates the typed settings; errors name the bad key and value."""
   try:
@@ -120,25 +113,16 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         logit_std=float(c.objective.logit_std),
         multiplicities=tuple(int(m) for m in c.objective.multiplicities), drop=drop,
         corrupt=cor, caption_dropout=float(c.objective.caption_dropout))
-    base = _model_config(c.model)
-    t = c.trainable
-    spec = lora.TrainableSpec(rank=int(t.lora_rank), alpha=float(t.lora_alpha),
-                              linears=str(t.linears), patch_embedding=str(t.patch_embedding),
-                              memory_patches=str(t.memory_patches),
-                              init_std=float(t.lora_init_std) if t.lora_init_std > 0 else None)
-    o = c.optim
-    opt = optim.OptimConfig(lr=float(o.lr), warmup_steps=int(o.warmup_steps), b1=float(o.b1),
-                            b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
-                            grad_clip=float(o.grad_clip))
+    base = model_lib.BaseModelConfig.from_config(c.model)
+    spec = lora.TrainableSpec.from_config(c.trainable)
+    opt = optim.OptimConfig.from_config(c.optim)
     mesh = sharding.MeshConfig(data=int(c.mesh.data), fsdp=int(c.mesh.fsdp),
                                context=int(c.mesh.context))
     s3 = None
     if obj.kind in losses.STAGE3_KINDS:
-      s3 = stage3_lib.settings_from_config(c, _model_config)
+      s3 = stage3_lib.settings_from_config(c, obj)
     elif c.get("ema") is not None and c.ema.enabled:
-      s3 = stage3_lib.Stage3Settings(loss=None, ema=stage3_lib.EmaConfig(
-          enabled=True, decay=float(c.ema.decay),
-          update_after_step=int(c.ema.update_after_step)))
+      s3 = stage3_lib.Stage3Settings(loss=None, ema=stage3_lib.EmaConfig.from_config(c.ema))
   except (AttributeError, KeyError) as e:
     raise ConfigError(f"config is missing a key: {e}") from e
   if int(c.train.num_steps) < 1:
@@ -304,7 +288,7 @@ class Run:
   tx: Any
   step_fn: Any
   tokens_per_step: int
-  negative_text: Any = None
+  negative_text: Any = None  # DMD: global [B, L, D] negative-prompt embeddings
 
 
 def _setup_data(st: Settings, gbs: int):
@@ -417,7 +401,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   _, h, w = next(iter(plan.buckets))  # tokens/s uses the first bucket's size
   mult = st.objective.multiplicities
   if st.kind == "ode_regression":    # one forward per chosen section and pyramid stage
-    mult = (st.stage3.loss.ode_sections,) * 3
+    mult = (st.stage3.loss.ode_sections,) * pyr.NUM_STAGES
   elif st.kind == "dmd":             # lower bound: the two rollouts' exit steps per stage, plus
     mult = (2, 2, 2 + 4)             # fake + real cond / uncond scores and the critic forward
   tokens = losses.tokens_per_sample(st.objective.kind, h, w, mult,
@@ -426,6 +410,10 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   if st.kind == "dmd":
     text_dim = model_config.text_dim
     neg = stage3_lib.negative_text(st.stage3.negative_text, int(st.data.text_len), text_dim)
+    # One global [B, L, D] array for the whole run (every DMD batch carries the same one).
+    local_b = gbs // jax.process_count()
+    neg = sharding.local_batch_to_global(
+        {"neg_text": np.broadcast_to(neg[None], (local_b,) + neg.shape)}, mesh)["neg_text"]
   return Run(settings=st, mesh=mesh, global_batch=gbs, data_iter=data_iter, plan=plan,
              model_config=model_config, base=base, base_shardings=base_shardings, state=state,
              state_shardings=state_shardings, tx=tx, step_fn=step_fn, tokens_per_step=tokens,
@@ -473,21 +461,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_good = latest
   last: dict[str, Any] = {"step": start}
   t_window, n_window = time.perf_counter(), 0
+  keys = device_keys(st.kind)
+  draws = 2 if st.kind == "dmd" else 1  # DMD: draw #1 (generator), draw #2 (critic)
   try:
     for step in range(start, num_steps):
-      draws = 2 if st.kind == "dmd" else 1  # DMD: draw #1 (generator), draw #2 (critic)
       batches = []
       for _ in range(draws):
         raw = next(run.data_iter)
-        local = {k: v for k, v in raw.items() if k in device_keys(st.kind, raw)}
-        if run.negative_text is not None:
-          b = local["text"].shape[0]
-          local["neg_text"] = np.broadcast_to(run.negative_text[None],
-                                              (b,) + run.negative_text.shape).copy()
+        local = {k: raw[k] for k in keys}
         if nan_at == step + 1:  # fault injection (tests): a corrupt batch
           local = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
                    for k, v in local.items()}
-        batches.append(sharding.local_batch_to_global(local, run.mesh))
+        batch = sharding.local_batch_to_global(local, run.mesh)
+        if run.negative_text is not None:
+          batch["neg_text"] = run.negative_text
+        batches.append(batch)
       state, metrics = run.step_fn(state, run.base, *batches)
       metrics = jax.device_get(metrics)
       done = step + 1
