@@ -14,10 +14,9 @@ import os
 import sys
 import statistics
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
-from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from _timing import compile_and_time, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -66,16 +65,10 @@ def main():
     ours = load_transformer(d, attention_impl="xla")
   np_inputs = {k: v.numpy() for k, v in inputs.items()}
 
-  run_jax = lambda: ours(**np_inputs).block_until_ready()
-  t0 = time.perf_counter()
-  out = run_jax()
-  compile_s = time.perf_counter() - t0
-  jax_times = timeit(run_jax, args.repeats)
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  with torch.no_grad():
-    ref_out = ref(**inputs).sample.numpy()
-    torch_times = timeit(lambda: ref(**inputs), args.repeats)
+  out, compile_s, jax_times = compile_and_time(
+      lambda: ours(**np_inputs).block_until_ready(), args.repeats)
+  ref_res, torch_times = torch_time(lambda: ref(**inputs), args.repeats)
+  ref_out = ref_res.sample.numpy()
   err = float(np.abs(np.asarray(out) - ref_out).max() / np.abs(ref_out).max())
   s = 9 * (args.latent // 2) ** 2
   hist = 2 * (args.latent // 2) ** 2 + (-(-args.latent // 4)) ** 2 + 4 * (-(-args.latent // 8)) ** 2

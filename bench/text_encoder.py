@@ -15,10 +15,9 @@ import os
 import sys
 import statistics
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
-from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from _timing import compile_and_time, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -55,17 +54,11 @@ def main():
     ref.save_pretrained(d)
     ours = load_text_encoder(d)
 
-  run_jax = lambda: ours(ids, mask).block_until_ready()
-  t0 = time.perf_counter()
-  out = run_jax()
-  compile_s = time.perf_counter() - t0
-  jax_times = timeit(run_jax, args.repeats)
-
-  torch.set_num_threads(os.cpu_count() or 1)
+  out, compile_s, jax_times = compile_and_time(lambda: ours(ids, mask).block_until_ready(),
+                                               args.repeats)
   tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
-  with torch.no_grad():
-    ref_out = ref(tids, tmask).last_hidden_state.numpy()
-    torch_times = timeit(lambda: ref(tids, tmask), args.repeats)
+  ref_res, torch_times = torch_time(lambda: ref(tids, tmask), args.repeats)
+  ref_out = ref_res.last_hidden_state.numpy()
   valid = mask.astype(bool)
   err = float(np.abs(np.asarray(out)[valid] - ref_out[valid]).max()
               / np.abs(ref_out[valid]).max())

@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
-from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from _timing import compile_and_time, timeit, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax
 import jax.numpy as jnp
@@ -75,11 +75,7 @@ def bench_preset(config: vae_lib.WanVAEConfig, args) -> None:
       (args.batch, config.z_dim, args.latent_frames, args.height // s, args.width // s),
       np.float32))
   frames = config.num_pixel_frames(args.latent_frames)
-  run = lambda: vae.decode(z).block_until_ready()
-  t0 = time.perf_counter()
-  run()
-  compile_s = time.perf_counter() - t0
-  times = timeit(run, args.repeats)
+  _, compile_s, times = compile_and_time(lambda: vae.decode(z).block_until_ready(), args.repeats)
   dev = jax.devices()[0]
   print(f"Wan VAE decode, preset {args.preset} ({n_params:,} params, random weights), fp32, "
         f"precision {args.precision}; latents {tuple(z.shape)} -> {frames} frames "
@@ -92,11 +88,8 @@ def bench_preset(config: vae_lib.WanVAEConfig, args) -> None:
   if args.encode:
     video = jnp.asarray(rng.uniform(-1, 1, (args.batch, config.in_channels, frames, args.height,
                                             args.width)).astype(np.float32))
-    run_enc = lambda: vae.encode(video).block_until_ready()
-    t0 = time.perf_counter()
-    run_enc()
-    enc_compile = time.perf_counter() - t0
-    enc_times = timeit(run_enc, args.repeats)
+    _, enc_compile, enc_times = compile_and_time(lambda: vae.encode(video).block_until_ready(),
+                                                 args.repeats)
     print(_row("jax jit encode (per chunk)", enc_times,
                f"{args.batch * frames / statistics.median(enc_times):>10.1f}"
                f"   (first call incl. compile {enc_compile:.1f} s)"))
@@ -139,16 +132,10 @@ def bench_cpu(args) -> None:
   z_np = z.numpy()
   frames = config.num_pixel_frames(args.latent_frames)
 
-  run_jax = lambda: vae.decode(z_np).block_until_ready()
-  t0 = time.perf_counter()
-  out = run_jax()
-  compile_s = time.perf_counter() - t0
-  jax_times = timeit(run_jax, args.repeats)
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  with torch.no_grad():
-    ref_out = ref.decode(z).sample.numpy()
-    torch_times = timeit(lambda: ref.decode(z), args.repeats)
+  out, compile_s, jax_times = compile_and_time(lambda: vae.decode(z_np).block_until_ready(),
+                                               args.repeats)
+  ref_res, torch_times = torch_time(lambda: ref.decode(z), args.repeats)
+  ref_out = ref_res.sample.numpy()
   err = float(np.abs(np.asarray(out) - ref_out).max() / np.abs(ref_out).max())
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(vae.params))
   jm, tm = statistics.median(jax_times), statistics.median(torch_times)
