@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all test-fast venv test-deps bench clean
+.PHONY: demo test test-all test-fast test-isa venv test-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,13 @@ test-all: test-deps
 test-fast: test-deps
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
+# The suite under every forced CPU feature level of torch and XLA (see .ci/isa_sweep.sh):
+# no test may depend on one machine's kernels. Several times as long as `make test`.
+test-isa: test-deps
+	bash .ci/isa_sweep.sh
+
 bench: test-deps
-	$(BIN)/python bench/dit_cpu.py
+	$(BIN)/python benchmarks/dit_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,7 +6,7 @@ Formats handled:
     memory map, so a 14B checkpoint is never held in host RAM at once.
   * our Orbax export: `<component>/config.json` + `<component>/params/` (an Orbax v1 PyTree
     checkpoint of the model's parameter dict, readable with
-    `orbax.checkpoint.experimental.v1.load_pytree(path)` alone).
+    `orbax.checkpoint.experimental.v1.load(path)` alone, as tests/test_transformer.py does).
 
 The mapping from PyTorch names to Flax paths is given per model as a function
 `key_map(torch_key) -> (flax_path, layer_index | None)`; stacked (scanned) blocks receive
@@ -177,16 +177,6 @@ def torch_to_flax(x: np.ndarray, leaf: str, target_shape: Sequence[int]) -> np.n
       raise CheckpointError(f"shape {x.shape} cannot become {target_shape}")
     x = x.reshape(target_shape)
   return x
-
-
-def flax_to_torch(x: np.ndarray, leaf: str, torch_shape: Sequence[int]) -> np.ndarray:
-  """Inverse of `torch_to_flax`."""
-  torch_shape = tuple(torch_shape)
-  if leaf == "kernel" and len(torch_shape) >= 2:
-    k = len(torch_shape) - 2
-    x = x.reshape(tuple(torch_shape[2:]) + (torch_shape[1], torch_shape[0]))
-    x = np.transpose(x, (k + 1, k) + tuple(range(k)))
-  return x.reshape(torch_shape)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:

@@ -154,7 +154,9 @@ class HeliosTransformerConfig(JsonConfig):
 TRANSFORMER_PRESETS: dict[str, HeliosTransformerConfig] = {
     # The released Helios-Base / -Mid / -Distilled transformer (14,312,427,584 parameters).
     "helios-14b": HeliosTransformerConfig(),
-    # A CPU-sized model with every structural flag of the 14B model.
+    # A CPU-sized model with every structural flag of the 14B model: the DiT of the tiny set
+    # (`helios_jax.variants.SIZES["tiny"]`; in_channels = the tiny VAE's z_dim, text_dim = the
+    # tiny umT5's d_model).
     "tiny": HeliosTransformerConfig(
         num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=96,
         num_layers=2, rope_dim=(12, 10, 10)),

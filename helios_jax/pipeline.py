@@ -34,6 +34,7 @@ from helios_jax import schedulers as hs
 from helios_jax import sampling
 from helios_jax.checkpoint import CheckpointError
 from helios_jax.config import ConfigError
+from helios_jax.constants import CHUNK_FRAMES
 
 # The official scripts' negative prompt (infer_helios.py); diffusers' API default is "".
 DEFAULT_NEGATIVE_PROMPT = (
@@ -42,7 +43,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people in "
     "the background, walking backwards")
-WINDOW_FRAMES = (sampling.CHUNK_LATENT_FRAMES - 1) * 4 + 1  # 33
 COND_SIGMA_RANGE = (0.111, 0.135)
 
 
@@ -421,7 +421,7 @@ class Pipeline:
       img = media.load_image(image, height, width)                   # [3, H, W] in [-1, 1]
       frame = np.broadcast_to(img[None, :, None], (batch, 3, 1, height, width))
       i_lat = self._vae_sample(frame, noise.get("image_posterior"), next(keys))
-      fake = np.broadcast_to(frame, (batch, 3, WINDOW_FRAMES, height, width))
+      fake = np.broadcast_to(frame, (batch, 3, CHUNK_FRAMES, height, width))
       f_lat = self._vae_sample(fake, noise.get("fake_posterior"), next(keys))[:, -1:]
       i_sig = draw_sigma(noise.get("image_uniform"))
       anchor = blend(i_sig, draw_eps("image_eps", i_lat.shape), i_lat)
@@ -432,14 +432,14 @@ class Pipeline:
       return Conditioning(state, anchor_given=True, prefix_latents=fake_lat)
 
     vid = media.load_video(video, height, width)                      # [3, T, H, W] in [-1, 1]
-    n_blocks = vid.shape[1] // WINDOW_FRAMES
+    n_blocks = vid.shape[1] // CHUNK_FRAMES
     if n_blocks == 0:
-      raise ValueError(f"V2V video has {vid.shape[1]} frames; at least {WINDOW_FRAMES} needed")
-    start = vid.shape[1] - n_blocks * WINDOW_FRAMES
+      raise ValueError(f"V2V video has {vid.shape[1]} frames; at least {CHUNK_FRAMES} needed")
+    start = vid.shape[1] - n_blocks * CHUNK_FRAMES
     vb = np.broadcast_to(vid[None], (batch,) + vid.shape)
     first = self._vae_sample(vb[:, :, :1], noise.get("first_posterior"), next(keys))
     posts = noise.get("block_posteriors") or [None] * n_blocks
-    blocks = [self._vae_sample(vb[:, :, start + i * WINDOW_FRAMES:start + (i + 1) * WINDOW_FRAMES],
+    blocks = [self._vae_sample(vb[:, :, start + i * CHUNK_FRAMES:start + (i + 1) * CHUNK_FRAMES],
                                posts[i], next(keys)) for i in range(n_blocks)]
     a_sig = draw_sigma(noise.get("anchor_uniform"))
     anchor = blend(a_sig, draw_eps("anchor_eps", first.shape), first)

@@ -27,12 +27,11 @@ import numpy as np
 from flax import nnx
 
 from helios_jax import schedulers as hs
+from helios_jax.constants import CHUNK_FRAMES, CHUNK_LATENT_FRAMES, HISTORY_SIZES
+from helios_jax.constants import NUM_HISTORY_FRAMES, VAE_TEMPORAL_SCALE
 from helios_jax.models.memory import HistoryInputs
 
 F32 = jnp.float32
-HISTORY_SIZES = (16, 2, 1)      # long, mid, newest ("1x"); sorted descending as the reference
-CHUNK_LATENT_FRAMES = 9         # 33 pixel frames
-NUM_HISTORY_FRAMES = sum(HISTORY_SIZES)
 
 
 def rope_indices(history_sizes=HISTORY_SIZES, chunk=CHUNK_LATENT_FRAMES) -> dict[str, np.ndarray]:
@@ -332,11 +331,10 @@ def set_anchor_flag(chunk_index: int, anchor_given: bool, skip_first_chunk: bool
 
 def num_chunks(num_frames: int) -> int:
   """K = max(1, ceil(num_frames / 33))."""
-  window = (CHUNK_LATENT_FRAMES - 1) * 4 + 1
-  return max(1, -(-int(num_frames) // window))
+  return max(1, -(-int(num_frames) // CHUNK_FRAMES))
 
 
 def output_frames(k: int) -> int:
   """Frames kept from K decoded chunks: floor((33K - 1) / 4) * 4 + 1."""
-  total = k * ((CHUNK_LATENT_FRAMES - 1) * 4 + 1)
-  return (total - 1) // 4 * 4 + 1
+  total = k * CHUNK_FRAMES
+  return (total - 1) // VAE_TEMPORAL_SCALE * VAE_TEMPORAL_SCALE + 1

@@ -91,7 +91,7 @@ def resolve_attention_impl(q, impl: str = "auto", *, interpret: bool = False) ->
   if (impl == "auto" and not interpret and _common.gpu_available()
       and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
     # cuDNN until the Pallas kernel is measured at least as fast at the Helios shapes
-    # (bench/kernels.py, S = 11040); see BENCHMARKS.md.
+    # (benchmarks/kernels.py, S = 11040); see BENCHMARKS.md.
     return "cudnn"
   return _resolve(impl, interpret, lambda: attention_lib.check_pallas_support(q))
 

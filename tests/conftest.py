@@ -15,6 +15,13 @@ import numpy as np
 import pytest
 
 
+# Named, generous limits. No test asserts on wall-clock time; these only stop a hung run. A
+# loaded 2-core machine (another job on both cores) runs several times slower than an idle one.
+SUBPROCESS_TIMEOUT_S = 3600      # one CLI / training subprocess
+HEAVY_SUBPROCESS_TIMEOUT_S = 7200  # a multi-stage `heavy` run (benchmarks/distill_effect.py)
+LOCAL_HTTP_TIMEOUT_S = 120       # a request to a server the test runs on localhost
+
+
 def _has_gpu() -> bool:
   try:
     return any(d.platform == "gpu" for d in jax.devices())

@@ -1,10 +1,10 @@
-"""bench/e2e.py: argument checks, the diffusers-side hooks, the 14B dry run and a JAX smoke run."""
+"""benchmarks/e2e.py: argument checks, the diffusers-side hooks, the 14B dry run and a JAX smoke run."""
 
+import functools
 import importlib.util
 import json
 import os
 import sys
-import time
 import types
 
 import numpy as np
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def e2e():
-  spec = importlib.util.spec_from_file_location("bench_e2e", os.path.join(ROOT, "bench",
+  spec = importlib.util.spec_from_file_location("bench_e2e", os.path.join(ROOT, "benchmarks",
                                                                             "e2e.py"))
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses resolve their module by name
@@ -54,54 +54,74 @@ def test_defaults(e2e):
 
 
 def test_cholesky_patch_gives_the_analytic_block_noise_factor(e2e):
-  gamma = 1 / 3  # diffusers' sample_block_noise covariance, float32
-  cov = (torch.eye(4) * (1 + gamma) - torch.ones(4, 4) * gamma + torch.eye(4) * 1e-8).float()
+  """On every CPU the reference gets the exact factor, whatever the host LAPACK would do."""
   orig = torch.linalg.cholesky
   spd = torch.tensor([[4.0, 2.0], [2.0, 3.0]])
   with e2e._CholeskyPatch() as patch:  # pylint: disable=protected-access
-    chol = torch.linalg.cholesky(cov)
-    np.testing.assert_allclose(chol.numpy(), np.asarray(hs.BLOCK_NOISE_L, np.float32))
+    for gamma, k in ((1 / 3, 4), (0.2, 4), (0.25, 5)):
+      # diffusers' sample_block_noise covariance, float32
+      cov = (torch.eye(k) * (1 + gamma) - torch.ones(k, k) * gamma + torch.eye(k) * 1e-8).float()
+      chol = torch.linalg.cholesky(cov)
+      assert chol.dtype == torch.float32
+      np.testing.assert_array_equal(chol.numpy(),
+                                    np.asarray(hs.block_noise_cholesky(gamma, k), np.float32))
+    np.testing.assert_array_equal(torch.linalg.cholesky(cov).numpy(),
+                                  np.asarray(hs.block_noise_cholesky(0.25, 5), np.float32))
     np.testing.assert_allclose(torch.linalg.cholesky(spd).numpy(), orig(spd).numpy())
     with pytest.raises(RuntimeError):  # other failing matrices still fail
       torch.linalg.cholesky(-torch.eye(3))
   assert torch.linalg.cholesky is orig
-  # CPU LAPACK refuses the float32 matrix (the reason for the patch).
-  assert patch.patched == 1
+  assert patch.patched == 4
+  np.testing.assert_array_equal(np.asarray(hs.block_noise_cholesky(1 / 3, 4)), hs.BLOCK_NOISE_L)
 
 
 def test_torch_timer_splits_chunks(e2e):
-  """Hooks on a stand-in pipeline: per-chunk wall = DiT + decode + host, calls counted."""
+  """Hooks on a stand-in pipeline: per-chunk wall = DiT + decode + host, calls counted.
+
+  A simulated clock (each stand-in advances it by a fixed amount) makes the split exact and
+  independent of how loaded the machine is.
+  """
+  now = [0.0]
+
+  def work(seconds):
+    def run():
+      now[0] += seconds
+    return run
+
   pipe = types.SimpleNamespace(
       prepare_latents=lambda: None,
-      vae=types.SimpleNamespace(decode=lambda: time.sleep(0.02)),
-      transformer=types.SimpleNamespace(forward=lambda: time.sleep(0.01)),
-      video_processor=types.SimpleNamespace(postprocess_video=lambda: time.sleep(0.015)))
-  timer = e2e._TorchTimer(pipe, sync=lambda: None)  # pylint: disable=protected-access
+      vae=types.SimpleNamespace(decode=work(0.02)),
+      transformer=types.SimpleNamespace(forward=work(0.01)),
+      video_processor=types.SimpleNamespace(postprocess_video=work(0.015)))
+  timer = e2e._TorchTimer(pipe, sync=lambda: None, clock=lambda: now[0])  # pylint: disable=protected-access
   calls = (4, 2, 2)
 
   def run():
     for n in calls:
-      time.sleep(0.005)  # history bookkeeping before prepare_latents
+      work(0.005)()  # history bookkeeping before prepare_latents
       pipe.prepare_latents()
       for _ in range(n):
         pipe.transformer.forward()
       pipe.vae.decode()
-      time.sleep(0.005)  # appending the decoded frames
+      work(0.003)()  # appending the decoded frames
     pipe.video_processor.postprocess_video()  # the whole video, at the end
+    work(0.001)()
 
   run()  # disabled: nothing recorded
   assert not timer.events
   timer.enabled = True
-  start = time.perf_counter()
+  start = now[0]
   run()
-  chunks, finalize = timer.chunks(start, time.perf_counter())
+  chunks, finalize = timer.chunks(start, now[0])
   assert [c["transformer_calls"] for c in chunks] == list(calls)
-  for c, n in zip(chunks, calls):
-    assert c["wall_s"] == pytest.approx(c["dit_s"] + c["decode_s"] + c["host_s"])
-    assert c["dit_s"] >= c["transformer_s"] >= 0.01 * n
-    assert c["decode_s"] >= 0.02 and c["host_s"] >= 0.005
-  assert chunks[0]["dit_s"] >= 0.005  # chunk 0 counts from the call's start
-  assert 0.015 <= finalize < 0.2
+  approx = functools.partial(pytest.approx, abs=1e-12)
+  for k, (c, n) in enumerate(zip(chunks, calls)):
+    assert c["wall_s"] == approx(c["dit_s"] + c["decode_s"] + c["host_s"])
+    assert c["transformer_s"] == approx(0.01 * n)
+    assert c["dit_s"] == approx(0.01 * n + (0.005 if k == 0 else 0.0))
+    assert c["decode_s"] == approx(0.02)
+    assert c["host_s"] == approx(0.003 + (0.005 if k + 1 < len(calls) else 0.0))
+  assert finalize == approx(0.016)
 
 
 def test_dry_run_14b(e2e, tmp_path):

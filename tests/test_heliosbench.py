@@ -1,4 +1,4 @@
-"""Tests of the HeliosBench metrics half (helios_jax.bench)."""
+"""Tests of the HeliosBench metrics half (helios_jax.heliosbench)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import threading
 import numpy as np
 import pytest
 
-from helios_jax.bench import drift as drift_lib
-from helios_jax.bench import heliosbench
-from helios_jax.bench import merge as merge_lib
-from helios_jax.bench import motion as motion_lib
-from helios_jax.bench import naming
-from helios_jax.bench import naturalness as nat
-from helios_jax.bench import proxies
-from helios_jax.bench import results as res
-from helios_jax.bench import runner
-from helios_jax.bench import semantic as sem
-from helios_jax.bench import smoothness as smooth
-from helios_jax.bench import video_io
+from conftest import LOCAL_HTTP_TIMEOUT_S
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.heliosbench import cli as heliosbench
+from helios_jax.heliosbench import merge as merge_lib
+from helios_jax.heliosbench import motion as motion_lib
+from helios_jax.heliosbench import naming
+from helios_jax.heliosbench import naturalness as nat
+from helios_jax.heliosbench import proxies
+from helios_jax.heliosbench import results as res
+from helios_jax.heliosbench import runner
+from helios_jax.heliosbench import semantic as sem
+from helios_jax.heliosbench import smoothness as smooth
+from helios_jax.heliosbench import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "data", "toy_data", "videos")
@@ -519,7 +520,7 @@ def test_vlm_judge_over_local_http(tmp_path):
   try:
     path = _write_mp4(str(tmp_path / "4_120_ori40.mp4"), _textured_frames(40, 96, 160, 1, 0))
     judge = nat.VlmJudge(f"http://127.0.0.1:{server.server_port}/v1", "k3y", "judge-x",
-                         timeout=10, max_retries=0)
+                         timeout=LOCAL_HTTP_TIMEOUT_S, max_retries=0)
     score, raw = judge.score_video(path)
   finally:
     server.shutdown()
@@ -560,7 +561,7 @@ def test_clip_vision_parity_with_transformers(tmp_path):
   import torch
   from flax import nnx
   from helios_jax import checkpoint as ckpt_lib
-  from helios_jax.bench import clip as clip_lib
+  from helios_jax.models import clip as clip_lib
   hf, folder = _tiny_clip(tmp_path)
   x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
@@ -611,9 +612,9 @@ def test_clip_vision_parity_with_transformers(tmp_path):
 def test_aesthetic_pipeline_matches_torch_reference(tmp_path):
   import torch
   import torch.nn.functional as F
-  from helios_jax.bench import aesthetic
-  from helios_jax.bench import clip as clip_lib
-  from helios_jax.bench import preprocess
+  from helios_jax.heliosbench import aesthetic
+  from helios_jax.models import clip as clip_lib
+  from helios_jax.heliosbench import preprocess
   hf, folder = _tiny_clip(tmp_path)
   torch.manual_seed(2)
   head = torch.nn.Linear(16, 1)
@@ -672,14 +673,14 @@ def test_clip_preprocess_matches_torch_bicubic():
   import jax.numpy as jnp
   import torch
   import torch.nn.functional as F
-  from helios_jax.bench import preprocess
+  from helios_jax.heliosbench import preprocess
   frames = np.random.default_rng(0).integers(0, 256, (2, 368, 640, 3), dtype=np.uint8)
   assert preprocess.resized_shape(368, 640) == (224, 389)
   assert preprocess.center_crop_offsets(224, 389) == (0, 82)
   x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
   r = F.interpolate(x, size=(224, 389), mode="bicubic", align_corners=False, antialias=False)
   r = r[..., :, 82:82 + 224] / 255.0
-  from helios_jax.bench.clip import CLIP_MEAN, CLIP_STD
+  from helios_jax.models.clip import CLIP_MEAN, CLIP_STD
   want = ((r - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) /
           torch.tensor(CLIP_STD).view(1, 3, 1, 1)).numpy()
   got = np.asarray(preprocess.clip_preprocess(jnp.asarray(frames))).transpose(0, 3, 1, 2)

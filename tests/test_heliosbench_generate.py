@@ -13,12 +13,12 @@ import pytest
 
 from helios_jax import media
 from helios_jax import presets
-from helios_jax.bench import generation
-from helios_jax.bench import heliosbench
-from helios_jax.bench import merge as merge_lib
-from helios_jax.bench import naming
-from helios_jax.bench import runner
-from helios_jax.bench import video_io
+from helios_jax.heliosbench import generation
+from helios_jax.heliosbench import cli as heliosbench
+from helios_jax.heliosbench import merge as merge_lib
+from helios_jax.heliosbench import naming
+from helios_jax.heliosbench import runner
+from helios_jax.heliosbench import video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = os.path.join(REPO, "data", "helios_bench", "helios_t2v_prompts.csv")

@@ -16,6 +16,7 @@ from helios_jax import checkpoint
 from helios_jax import sampling
 from helios_jax import schedulers as hs
 from helios_jax.training import model as model_lib
+from helios_jax.data import ode_pairs as opd
 from helios_jax.training import ode_pairs as op
 
 # Spec §2.4: the student timesteps (hard-coded in get_ode-pairs.py) at 48x80.
@@ -151,7 +152,7 @@ def test_record_trajectory(tiny, records):
   text, neg, recs = records
   assert len(recs) == 2
   for r in recs:
-    assert set(r) == set(op.record_keys(3))
+    assert set(r) == set(opd.record_keys(3))
     assert r["text"].shape == (TEXT_LEN, 32)
     for k, (h, w) in enumerate(OC.stage_sizes()):
       assert r[f"xt{k}"].shape == (2, 4, 9, h, w, 16) and r[f"xt{k}"].dtype == np.float32
@@ -177,8 +178,8 @@ def test_dataset_round_trip_and_atomicity(tmp_path, records, monkeypatch):
   _, _, recs = records
   info = op.dataset_info(OC, 2, 42, True)
   out = str(tmp_path / "pairs")
-  op.write_dataset(out, recs, info, [{"uttid": "a"}, {"uttid": "b"}])
-  src = op.OdePairsSource(out)
+  opd.write_dataset(out, recs, info, [{"uttid": "a"}, {"uttid": "b"}])
+  src = opd.OdePairsSource(out)
   assert len(src) == 2 and src.info["num_sections"] == 2 and src.info["max_steps"] == [4, 4, 4]
   assert src.records[1]["uttid"] == "b"
   for i in range(2):
@@ -192,7 +193,7 @@ def test_dataset_round_trip_and_atomicity(tmp_path, records, monkeypatch):
   ds = grain.MapDataset.source(src)   # usable as a grain source
   np.testing.assert_array_equal(ds[1]["end1"], recs[1]["end1"])
   with pytest.raises(FileExistsError):
-    op.write_dataset(out, recs)
+    opd.write_dataset(out, recs)
   # A failure half way leaves nothing behind.
   calls = []
 
@@ -206,43 +207,43 @@ def test_dataset_round_trip_and_atomicity(tmp_path, records, monkeypatch):
 
   monkeypatch.setattr(np, "savez", failing_savez)
   with pytest.raises(OSError, match="disk full"):
-    op.write_dataset(str(tmp_path / "half"), recs)
+    opd.write_dataset(str(tmp_path / "half"), recs)
   monkeypatch.undo()
   assert sorted(os.listdir(tmp_path)) == ["pairs"]
   # Records must share shapes.
   bad = [recs[0], dict(recs[1], text=recs[1]["text"][:4])]
-  with pytest.raises(op.OdePairsError, match="record 1 field 'text'"):
-    op.write_dataset(str(tmp_path / "bad"), bad)
+  with pytest.raises(opd.OdePairsError, match="record 1 field 'text'"):
+    opd.write_dataset(str(tmp_path / "bad"), bad)
 
 
 def test_dataset_errors(tmp_path, records):
   _, _, recs = records
-  with pytest.raises(op.OdePairsError, match="not found"):
-    op.OdePairsSource(str(tmp_path / "nope"))
+  with pytest.raises(opd.OdePairsError, match="not found"):
+    opd.OdePairsSource(str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(op.OdePairsError, match="no index.json"):
-    op.OdePairsSource(str(tmp_path / "empty"))
+  with pytest.raises(opd.OdePairsError, match="no index.json"):
+    opd.OdePairsSource(str(tmp_path / "empty"))
   out = tmp_path / "ds"
-  op.write_dataset(str(out), recs[:1])
+  opd.write_dataset(str(out), recs[:1])
   index = json.loads((out / "index.json").read_text())
   (out / "index.json").write_text("{not json")
-  with pytest.raises(op.OdePairsError, match="corrupt ODE-pairs index"):
-    op.OdePairsSource(str(out))
+  with pytest.raises(opd.OdePairsError, match="corrupt ODE-pairs index"):
+    opd.OdePairsSource(str(out))
   (out / "index.json").write_text(json.dumps(dict(index, format="other")))
-  with pytest.raises(op.OdePairsError, match="not an ODE-pairs index"):
-    op.OdePairsSource(str(out))
+  with pytest.raises(opd.OdePairsError, match="not an ODE-pairs index"):
+    opd.OdePairsSource(str(out))
   bad_shape = dict(index, fields=dict(index["fields"], text={"shape": [3, 32],
                                                                "dtype": "<f4"}))
   (out / "index.json").write_text(json.dumps(bad_shape))
-  with pytest.raises(op.OdePairsError, match=r"field 'text' has shape \(8, 32\)"):
-    op.OdePairsSource(str(out))[0]
+  with pytest.raises(opd.OdePairsError, match=r"field 'text' has shape \(8, 32\)"):
+    opd.OdePairsSource(str(out))[0]
   (out / "index.json").write_text(json.dumps(index))
   (out / "000000.npz").write_bytes(b"truncated")
-  with pytest.raises(op.OdePairsError, match="corrupt ODE-pairs record .*000000.npz"):
-    op.OdePairsSource(str(out))[0]
+  with pytest.raises(opd.OdePairsError, match="corrupt ODE-pairs record .*000000.npz"):
+    opd.OdePairsSource(str(out))[0]
   os.remove(out / "000000.npz")
-  with pytest.raises(op.OdePairsError, match="missing"):
-    op.OdePairsSource(str(out))
+  with pytest.raises(opd.OdePairsError, match="missing"):
+    opd.OdePairsSource(str(out))
 
 
 def test_cli_synthetic(tmp_path, tiny):
@@ -264,7 +265,7 @@ def test_cli_synthetic(tmp_path, tiny):
   assert op.run(fv) == str(out)
   with pytest.raises(app.UsageError, match="exists"):
     op.run(fv)
-  src = op.OdePairsSource(str(out))
+  src = opd.OdePairsSource(str(out))
   assert len(src) == 2
   assert src.info["teacher_steps"] == [3, 3, 3] and src.info["negative_text"] == str(neg)
   assert src.records[0]["uttid"] == "synthetic_0"

@@ -92,7 +92,8 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.heavy
 def test_sharded_inference_equals_single_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")  # keeps e.g. a forced --xla_cpu_max_isa
+                        + " --xla_force_host_platform_device_count=4").strip())
   res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        check=False, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-4000:]

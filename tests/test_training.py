@@ -26,6 +26,7 @@ from helios_jax.config import HeliosTransformerConfig
 from helios_jax.data import clips as clips_lib
 from helios_jax.data import latents as latents_lib
 from helios_jax.data import pipeline as pipeline_lib
+from helios_jax.data import sections
 from helios_jax.data import synthetic
 from helios_jax.data.clips import DataError
 from helios_jax.models import rope as rope_lib
@@ -152,14 +153,14 @@ def test_indices_and_history_layout():
   np.testing.assert_array_equal(idx["mid"], [17, 18])
   np.testing.assert_array_equal(idx["noisy"], np.arange(20, 29))
   sections = np.arange(3 * 9, dtype=np.float32).reshape(3, 9, 1, 1, 1) + 1
-  hist, anchor, target = sample.sample_from_sections(sections, 0)
+  hist, anchor, target = sections.sample_from_sections(sections, 0)
   assert not hist.any() and not anchor.any()
   np.testing.assert_array_equal(target[:, 0, 0, 0], np.arange(1, 10))
-  hist, anchor, target = sample.sample_from_sections(sections, 1)
+  hist, anchor, target = sections.sample_from_sections(sections, 1)
   assert not hist[:10].any()
   np.testing.assert_array_equal(hist[10:, 0, 0, 0], np.arange(1, 10))
   assert anchor[0, 0, 0, 0] == 1
-  hist, anchor, target = sample.sample_from_sections(sections, 2)
+  hist, anchor, target = sections.sample_from_sections(sections, 2)
   np.testing.assert_array_equal(hist[:, 0, 0, 0], np.arange(0, 19))
   np.testing.assert_array_equal(target[:, 0, 0, 0], np.arange(19, 28))
   hi = sample.history_inputs(jnp.asarray(hist[None]), jnp.asarray(anchor[None]))
@@ -168,12 +169,12 @@ def test_indices_and_history_layout():
 
 
 def test_choose_section_is_seeded_and_uniform():
-  assert sample.choose_section(5, 0, 3, 7) == sample.choose_section(5, 0, 3, 7)
-  draws = [sample.choose_section(3, 0, 0, i) for i in range(3000)]
+  assert sections.choose_section(5, 0, 3, 7) == sections.choose_section(5, 0, 3, 7)
+  draws = [sections.choose_section(3, 0, 0, i) for i in range(3000)]
   counts = np.bincount(draws, minlength=3) / 3000
   np.testing.assert_allclose(counts, 1 / 3, atol=0.03)
   with pytest.raises(ValueError, match="num_sections=0"):
-    sample.choose_section(0, 0, 0, 4)
+    sections.choose_section(0, 0, 0, 4)
 
 
 @pytest.mark.parametrize("p_i2v,expect", [

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from conftest import SUBPROCESS_TIMEOUT_S, rel_err
 from helios_jax.data import clips as clips_lib
 from helios_jax.data import latents as latents_lib
 from helios_jax.models import transformer as tr
@@ -42,12 +42,12 @@ def cli_env(tmp_path_factory):
   # The session's shared compilation cache (conftest) when set; the XLA flags are part of the
   # cache key, so the -O0 programs never mix with the in-process ones.
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("xla"))
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA, PYTHONPATH=REPO,
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip(), PYTHONPATH=REPO,
               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TOKENIZERS_PARALLELISM="false")
 
 
-def _run(env, args, devices=None, timeout=600, module="helios_jax.train"):
+def _run(env, args, devices=None, timeout=SUBPROCESS_TIMEOUT_S, module="helios_jax.train"):
   env = dict(env)
   warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
   if devices:
@@ -102,7 +102,7 @@ def toy_latents(cli_env, tmp_path_factory):
   enc = str(tmp_path_factory.mktemp("encoders"))
   warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
   proc = subprocess.run([sys.executable, "-c", WRITE_ENCODERS, enc], cwd=REPO, env=cli_env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   root = str(tmp_path_factory.mktemp("toy_latents"))
   _ok(_run(cli_env, [f"--metadata={TOY_METADATA}", f"--encoders={enc}", f"--data_dir={root}",
@@ -253,7 +253,7 @@ def test_two_processes_match_one_process(cli_env, reference_run, tmp_path):
   procs = [subprocess.Popen([sys.executable, "-m", "helios_jax.train", *args, f"--process_id={i}"],
                             cwd=REPO, env=cli_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
+  outs = [p.communicate(timeout=SUBPROCESS_TIMEOUT_S) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   ref, got = _metrics(reference_run), _metrics(work)

@@ -1,5 +1,6 @@
 """Parity of the Flax Helios DiT with diffusers' HeliosTransformer3DModel (CPU, fp32)."""
 
+import decimal
 import json
 import os
 
@@ -134,20 +135,32 @@ def test_bf16_dtype_policy(tmp_path):
 
 
 def test_bf16_close_to_reference_bf16(tmp_path):
-  """bf16 forward against diffusers loaded with torch_dtype=bf16 (fp32-kept modules real)."""
-  _, path = make_reference(tmp_path, "released_flags")
+  """bf16 forward against diffusers loaded with torch_dtype=bf16 (fp32-kept modules real).
+
+  Both bf16 forwards are compared with the fp32 model on the same (bf16-representable) inputs.
+  Tolerances are in units of bf16's unit roundoff u = 2^-8 relative to the output's scale: our
+  forward stays within 3u of fp32 (measured 1.6u), so it is within 6u of any reference bf16
+  forward that is as accurate. No bit-identity is asserted: torch's bf16 CPU kernels round
+  differently on different CPUs (AVX-512 / AMX / AVX2 paths).
+  """
+  ref_model32, path = make_reference(tmp_path, "released_flags")
   ref_model = diffusers.HeliosTransformer3DModel.from_pretrained(path, torch_dtype=torch.bfloat16)
   args = make_inputs(CONFIGS["released_flags"], 1)
   targs = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v)
            for k, v in args.items()}
-  with torch.no_grad():
+  # The math SDPA backend: torch's fused CPU bf16 kernel needs AVX-512 at run time.
+  with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
     ref = ref_model(**targs).sample.float().numpy()
+    exact = ref_model32(**{k: (v.float() if v.dtype == torch.bfloat16 else v)
+                           for k, v in targs.items()}).sample.double().numpy()
   ours = tr.load_transformer(path, dtype=jnp.bfloat16, kernels=KERNELS_XLA)
   out = ours(**{k: (jnp.asarray(v.float().numpy(), jnp.bfloat16) if v.dtype == torch.bfloat16
                     else v.numpy()) for k, v in targs.items()})
+  assert out.dtype == jnp.bfloat16
   out = np.asarray(out.astype(jnp.float32))
-  assert rel_err(out, ref) < 1e-2  # a few bf16 ulps
-  assert np.mean(out == ref) > 0.3  # and mostly bit-identical
+  u = 2.0 ** -8
+  assert rel_err(out, exact) <= 3 * u
+  assert rel_err(out, ref) <= 6 * u
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,9 +188,23 @@ def test_rope_tables_match_reference():
 
 
 def test_rope_inv_freqs_bits():
-  for d in (44, 42, 16):
-    ref = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
-    np.testing.assert_array_equal(rope.inv_freqs(d, 10000.0), ref.numpy())
+  """Correctly rounded against an exact (50-digit) evaluation; within 2 ulp of torch's fp32.
+
+  The reference rounds the exponent k/d to fp32 (exact IEEE division, the same everywhere), then
+  evaluates pow and the reciprocal in fp32: each rounds once (<= 0.5 ulp), and a vectorised
+  `powf` adds up to 1 ulp, so any host's reference is within 2 ulp of the exact value.
+  """
+  decimal.getcontext().prec = 50
+  for d, theta in ((44, 10000.0), (42, 10000.0), (16, 10000.0), (128, 500000.0)):
+    e = np.arange(0, d, 2, dtype=np.float32)[: d // 2] / np.float32(d)
+    exact = np.array([float(1 / decimal.Decimal(float(np.float32(theta))) ** decimal.Decimal(
+        float(x))) for x in e])
+    ours = rope.inv_freqs(d, theta)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, exact.astype(np.float32))
+    ref = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32)[: d // 2] / d))
+    ulp = np.spacing(np.abs(ours))
+    assert np.all(np.abs(ref.numpy().astype(np.float64) - ours) <= 2 * ulp)
 
 
 def test_compressed_rope_is_damped_rotation():

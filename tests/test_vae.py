@@ -182,7 +182,7 @@ def test_orbax_load_matches_safetensors(vaes, tmp_path):
   np.testing.assert_array_equal(loaded.decode(z), vae.decode(z))
 
 
-@pytest.mark.slow  # export_model writes one Orbax partial save per tensor (~194 here)
+@pytest.mark.slow  # an Orbax export and reload of every VAE tensor
 def test_orbax_export_roundtrip(vaes, tmp_path):
   _, folder, vae = vaes["a"]
   dst = tmp_path / "vae_orbax"

@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SECTION_FRAMES = 33   # pixel frames per section: (9 - 1) * 4 + 1
+from helios_jax.constants import CHUNK_FRAMES
+
 # Length buckets 21, 41, ..., 501 (spec §3.1 "21 ... 501, mostly steps of 20"; the exact
 # upstream list is not in the spec, inferred as a stride-20 list).
 LENGTH_BUCKETS = tuple(range(21, 502, 20))
@@ -117,13 +118,13 @@ def length_bucket(num_frames: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> i
 
 def num_sections(bucket_frames: int) -> int:
   """Non-overlapping 33-frame sections of a window (121 -> 3, 501 -> 15)."""
-  return int(bucket_frames) // SECTION_FRAMES
+  return int(bucket_frames) // CHUNK_FRAMES
 
 
 def select_clips(clips: Sequence[Clip], min_frames: int = MIN_FRAMES) -> list[Clip]:
   """Clips long enough for training (>= min_frames and at least one section)."""
-  if min_frames < SECTION_FRAMES:
-    raise DataError(f"min_frames={min_frames} is shorter than one section ({SECTION_FRAMES} "
+  if min_frames < CHUNK_FRAMES:
+    raise DataError(f"min_frames={min_frames} is shorter than one section ({CHUNK_FRAMES} "
                     "frames); such clips cannot give a training sample")
   out = []
   for c in clips:
@@ -193,10 +194,10 @@ def clip_sections(clip: Clip, height: int, width: int, rng: np.random.Generator,
   n = 0 if bucket is None else num_sections(bucket)
   if n < 1:
     raise DataError(f"clip {clip.uttid} ({clip.path}) has {clip.num_frames} frames, shorter than "
-                    f"one {SECTION_FRAMES}-frame section")
+                    f"one {CHUNK_FRAMES}-frame section")
   if max_sections is not None:
     n = min(n, int(max_sections))
-  length = n * SECTION_FRAMES
+  length = n * CHUNK_FRAMES
   lo, hi = clip.cut[0], clip.cut[1] - bucket
   if hi < lo:
     raise DataError(f"clip {clip.uttid}: cut {list(clip.cut)} is shorter than its bucket {bucket}")
@@ -208,5 +209,5 @@ def clip_sections(clip: Clip, height: int, width: int, rng: np.random.Generator,
     raise DataError(f"clip {clip.uttid}: crop {list(clip.crop)} is empty for frames of size "
                     f"{frames.shape[1:3]}")
   video = center_crop_resize(frames, height, width)  # [3, T, H, W]
-  video = video.reshape(3, n, SECTION_FRAMES, height, width)
+  video = video.reshape(3, n, CHUNK_FRAMES, height, width)
   return np.ascontiguousarray(np.transpose(video, (1, 0, 2, 3, 4)))

@@ -9,7 +9,7 @@ process has the same number of batches per epoch (the reference's strided shardi
 ranks different counts, spec §3.3) and the global batch of P processes is exactly the batch a
 single process would read.
 
-Each sample is built on the host (`training.sample`): section c drawn with the seed
+Each sample is built on the host (`data.sections`): section c drawn with the seed
 seed + 1e6 * epoch + record index, history / anchor / target cut from the zero-padded time
 line, the text embedding zero-padded to `text_len`. Batch element g of the grain `MapDataset`
 is global batch g (epoch g // batches_per_epoch), so the iterator state is one integer and
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from helios_jax.data.clips import DataError
-from helios_jax.training import sample as sample_lib
+from helios_jax.constants import CHUNK_LATENT_FRAMES
+from helios_jax.data import sections as sections_lib
 
 MAX_EPOCHS = 1_000_000
 
@@ -118,14 +119,14 @@ def build_sample(record: dict[str, Any], index: int, epoch: int, seed: int,
      "text" `[text_len, D]`, "index", "section", "epoch"} as numpy arrays.
   """
   latents = np.asarray(record["latents"], np.float32)
-  if latents.ndim != 5 or latents.shape[1] != sample_lib.WINDOW:
+  if latents.ndim != 5 or latents.shape[1] != CHUNK_LATENT_FRAMES:
     raise DataError(f"record {index} ({record.get('uttid', '?')}): latents shape {latents.shape} "
-                    f"is not [N, {sample_lib.WINDOW}, h, w, C]")
+                    f"is not [N, {CHUNK_LATENT_FRAMES}, h, w, C]")
   if latents.shape[0] < 1:
     raise DataError(f"record {index} ({record.get('uttid', '?')}) has no section: the clip is "
                     "shorter than one 33-frame section")
-  c = sample_lib.choose_section(latents.shape[0], seed, epoch, index)
-  history, anchor, target = sample_lib.sample_from_sections(latents, c)
+  c = sections_lib.choose_section(latents.shape[0], seed, epoch, index)
+  history, anchor, target = sections_lib.sample_from_sections(latents, c)
   emb = np.asarray(record["prompt_embed"], np.float32)
   if emb.ndim != 2:
     raise DataError(f"record {index}: prompt_embed shape {emb.shape} is not [n, D]")

@@ -20,9 +20,15 @@ F32 = jnp.float32
 
 
 def inv_freqs(dim: int, theta: float) -> np.ndarray:
-  """`1 / theta ** (arange(0, dim, 2) / dim)` in fp32, the reciprocal form the reference uses."""
+  """`1 / theta ** (arange(0, dim, 2) / dim)` as fp32, the reciprocal form the reference uses.
+
+  The exponents are rounded to fp32 as the reference's are (`arange(...) / dim` in fp32); the
+  power and reciprocal are then evaluated in float64 and rounded once, so the table is the
+  correctly rounded value on every host instead of depending on the CPU's vectorised `powf`
+  (the reference's own fp32 `pow` may differ from it by 1 ulp).
+  """
   e = np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / np.float32(dim)
-  return (np.float32(1.0) / (np.float32(theta) ** e)).astype(np.float32)
+  return (1.0 / (np.float64(np.float32(theta)) ** e.astype(np.float64))).astype(np.float32)
 
 
 def rope_tables(frame_indices: jax.Array, height: int, width: int,

@@ -126,10 +126,10 @@ class UMT5Config(JsonConfig):
 UMT5_PRESETS: dict[str, UMT5Config] = {
     # google/umt5-xxl encoder, the Helios / Wan 2.1 text encoder (5,680,910,336 parameters).
     "umt5-xxl": UMT5Config(num_decoder_layers=24),
-    # A CPU-sized encoder with d_kv != d_model / num_heads.
-    "tiny": UMT5Config(vocab_size=128, d_model=32, d_kv=12, d_ff=48, num_layers=2,
-                       num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                       relative_attention_max_distance=20),
+    # A CPU-sized encoder: the text encoder of the tiny set (`helios_jax.variants.SIZES["tiny"]`;
+    # d_model = the tiny DiT's text_dim, vocab_size covers the tiny pipeline's tokenizer).
+    "tiny": UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                       relative_attention_num_buckets=8, relative_attention_max_distance=32),
 }
 
 

@@ -121,9 +121,9 @@ class WanVAEConfig(JsonConfig):
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     # The Wan 2.1 VAE shipped under Helios' `vae/` (126,892,531 parameters).
     "wan2.1": WanVAEConfig(),
-    # A CPU-sized VAE with the same block structure (8x spatial, 4x temporal).
-    "tiny": WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1,
-                         latents_mean=_WAN21_LATENTS_MEAN[:4], latents_std=_WAN21_LATENTS_STD[:4]),
+    # A CPU-sized VAE with the same block structure (8x spatial, 4x temporal) and the released
+    # 16 latent channels: the VAE of the tiny set (`helios_jax.variants.SIZES["tiny"]`).
+    "tiny": WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
 }
 
 

@@ -78,11 +78,6 @@ class PyramidConstants:
     return len(self.stage_range) - 1
 
   @property
-  def stage_timestep_max(self) -> np.ndarray:
-    """[S] largest model timestep of each stage (999, 743.256, 385.614 for Helios)."""
-    return self.stage_timesteps[:, 0]
-
-  @property
   def stage_timestep_min(self) -> np.ndarray:
     """[S] smallest entry of each stage table, t_min + (t_max - t_min) / N."""
     return self.stage_timesteps[:, -1]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax.constants import CHUNK_LATENT_FRAMES, HISTORY_SIZES
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.training import corrupt as corrupt_lib
 from helios_jax.training import sample as sample_lib
@@ -313,8 +314,8 @@ def check_latent_size(kind: str, height: int, width: int, patch: tuple[int, int,
 
 
 def tokens_per_sample(kind: str, height: int, width: int, multiplicities=(1, 2, 1),
-                      patch=(1, 2, 2), history_sizes=sample_lib.HISTORY_SIZES,
-                      window: int = sample_lib.WINDOW) -> int:
+                      patch=(1, 2, 2), history_sizes=HISTORY_SIZES,
+                      window: int = CHUNK_LATENT_FRAMES) -> int:
   """Transformer tokens processed per sample per step (history + noisy, summed over draws)."""
   pt, ph, pw = patch
   hh, ww = height // ph, width // pw

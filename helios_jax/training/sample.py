@@ -1,11 +1,7 @@
-"""Stage 1/2 training samples from a clip's section stack (spec training.md §4).
+"""Stage 1/2 training samples, device side (spec training.md §4; the host side, section choice
+and history / anchor / target cutting, is `helios_jax.data.sections`).
 
-Host side (numpy, in the input pipeline): the clip's sections are laid on one time line,
-left-padded with 19 zero frames; a section c is chosen (seeded by seed + 1e6 * epoch +
-record index); its 19 preceding frames are the history, its 9 frames the target, and the
-first latent of section 0 the anchor (zero when c == 0).
-
-Device side (jax, inside the jitted step, per sample): the random conditioning drop (T2V,
+Inside the jitted step, per sample: the random conditioning drop (T2V,
 I2V, V2V with the spec's probabilities) and the model's history inputs with the fixed RoPE
 frame indices (anchor 0, long 1..16, mid 17..18, newest 19, noisy 20..28).
 
@@ -22,60 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import sampling
+from helios_jax.constants import CHUNK_LATENT_FRAMES, NUM_HISTORY_FRAMES
 from helios_jax.models.memory import HistoryInputs
 
 F32 = jnp.float32
-HISTORY_SIZES = sampling.HISTORY_SIZES            # (16, 2, 1): long, mid, newest
-NUM_HISTORY = sampling.NUM_HISTORY_FRAMES         # 19
-WINDOW = sampling.CHUNK_LATENT_FRAMES             # 9 latent frames per section
 # Drop modes returned by `random_drop` (for statistics and tests).
 KEEP, T2V, I2V, V2V = 0, 1, 2, 3
-
-
-def choose_section(num_sections: int, seed: int, epoch: int, index: int) -> int:
-  """Section c uniform in [0, num_sections), seeded by seed + 1e6 * epoch + index (spec §4.2).
-
-  Args:
-    num_sections: sections of the clip (>= 1).
-    seed: data seed.
-    epoch: epoch number.
-    index: the record's index in the dataset.
-
-  Returns:
-    c.
-  """
-  if num_sections < 1:
-    raise ValueError(f"record {index} has num_sections={num_sections}; a clip needs at least "
-                     f"one {WINDOW}-latent-frame section")
-  rng = np.random.default_rng(int(seed) + 1_000_000 * int(epoch) + int(index))
-  return int(rng.integers(0, num_sections))
-
-
-def sample_from_sections(latents: np.ndarray, c: int, num_history: int = NUM_HISTORY):
-  """History, anchor and target of section c (spec §4 steps 1, 3, 4).
-
-  Args:
-    latents: `[N, 9, h, w, C]` the clip's independently encoded sections (normalized).
-    c: chosen section.
-    num_history: history frames (19).
-
-  Returns:
-    (history `[19, h, w, C]` oldest first, anchor `[1, h, w, C]`, target `[9, h, w, C]`), fp32.
-  """
-  latents = np.asarray(latents, np.float32)
-  if latents.ndim != 5:
-    raise ValueError(f"section latents must be [N, {WINDOW}, h, w, C], got {latents.shape}")
-  n, t = latents.shape[:2]
-  if not 0 <= c < n:
-    raise ValueError(f"section c={c} outside [0, {n})")
-  line = latents.reshape((n * t,) + latents.shape[2:])
-  pad = np.zeros((num_history,) + line.shape[1:], np.float32)
-  line = np.concatenate([pad, line], axis=0)
-  start = num_history + c * t
-  history = line[start - num_history:start]
-  target = line[start:start + t]
-  anchor = latents[0, :1] if c > 0 else np.zeros_like(latents[0, :1])
-  return history, anchor, target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +49,8 @@ class DropConfig:
         raise ValueError(f"{name}={p} must lie in [0, 1]")
 
 
-def v2v_drop_counts(num_history: int = NUM_HISTORY, window: int = WINDOW) -> np.ndarray:
+def v2v_drop_counts(num_history: int = NUM_HISTORY_FRAMES,
+                    window: int = CHUNK_LATENT_FRAMES) -> np.ndarray:
   """The V2V drop sizes d = (N mod window) + window k, k = 0..N // window ({1, 10, 19})."""
   return np.arange(num_history // window + 1) * window + num_history % window
 

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax.constants import CHUNK_LATENT_FRAMES
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.schedulers import tables
 from helios_jax.schedulers.config import HeliosDMDSchedulerConfig
 
 F32 = jnp.float32
-WINDOW = 9
 
 # The Stage 3 trainer's scheduler: the released Distilled scheduler with linear dynamic shift.
 TRAIN_SCHEDULER = HeliosDMDSchedulerConfig(use_dynamic_shifting=True, time_shift_type="linear")
@@ -69,7 +69,7 @@ class StageSchedule:
 @functools.lru_cache(maxsize=64)
 def student_schedule(steps: tuple[int, ...], height: int, width: int, amplify: bool = False,
                      patch_size: tuple[int, int, int] = (1, 2, 2),
-                     window: int = WINDOW) -> tuple[StageSchedule, ...]:
+                     window: int = CHUNK_LATENT_FRAMES) -> tuple[StageSchedule, ...]:
   """Every stage's student schedule at a full-resolution latent size.
 
   Args:

@@ -46,6 +46,7 @@ from absl import logging
 from flax import nnx
 
 from helios_jax.config import ConfigError
+from helios_jax.data import ode_pairs
 from helios_jax.data import pipeline as pipeline_lib
 from helios_jax.data.clips import DataError
 from helios_jax.schedulers import pyramid as pyr
@@ -68,7 +69,6 @@ DEVICE_KEYS = ("history", "anchor", "target", "text")
 def device_keys(kind: str) -> tuple[str, ...]:
   """The batch entries the step reads (ODE-pair records: text and every per-stage array)."""
   if kind == "ode_regression":
-    from helios_jax.training import ode_pairs  # pylint: disable=g-import-not-at-top
     return ode_pairs.record_keys(pyr.NUM_STAGES)
   return DEVICE_KEYS
 
@@ -150,7 +150,6 @@ def make_source(data_cfg: ml_collections.ConfigDict):
         text_tokens=int(s.text_tokens), text_dim=int(s.text_dim), vocab=int(s.vocab),
         seed=int(s.seed)))
   if data_cfg.source == "ode_pairs":
-    from helios_jax.training import ode_pairs  # pylint: disable=g-import-not-at-top
     if not data_cfg.data_dir:
       raise DataError("data.data_dir is empty: pass the ODE-pair dataset written by "
                       "`python -m helios_jax.training.ode_pairs --out=<dir>`")

@@ -1,8 +1,8 @@
 """Wan VAE decode speed: jitted JAX vs diffusers eager (CPU), or per-chunk time at Wan 2.1 size.
 
-  python bench/vae.py [--base_dim 32] [--height 64] [--width 64] [--latent_frames 9]
-  python bench/vae.py --preset wan2.1 --height 384 --width 640 [--precision highest] [--torch]
-  python bench/vae.py --preset wan2.1 --height 384 --width 640 --dry_run
+  python benchmarks/vae.py [--base_dim 32] [--height 64] [--width 64] [--latent_frames 9]
+  python benchmarks/vae.py --preset wan2.1 --height 384 --width 640 [--precision highest] [--torch]
+  python benchmarks/vae.py --preset wan2.1 --height 384 --width 640 --dry_run
 
 Default mode (CPU): a thin VAE with the Wan 2.1 block structure (base_dim 32 instead of 96) with
 random weights, saved by diffusers and loaded through `load_vae`; decodes `--latent_frames`
@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ helpers
 from _timing import compile_and_time, timeit, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax

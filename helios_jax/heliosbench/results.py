@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
-from helios_jax.bench import drift as drift_lib
+from helios_jax.heliosbench import drift as drift_lib
 
 SKIPPED_FILE = "skipped_metrics.json"
 CHUNKS_FILE = "per_chunk_results.json"

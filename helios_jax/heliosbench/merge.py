@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from helios_jax.bench import results as res
+from helios_jax.heliosbench import results as res
 
 RATING_SCALE = 10
 
@@ -310,7 +310,7 @@ def run_merge(results: str, out_dir: str | None = None, *, is_long: bool = True,
   files.append(all_path)
   files += list(write_summary(out_dir, rows))
   if plots:
-    from helios_jax.bench import plots as plots_lib  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import plots as plots_lib  # pylint: disable=g-import-not-at-top
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     files.append(plots_lib.metric_bars(os.path.join(plot_dir, "metric_ratings.png"), rows))

@@ -1,10 +1,10 @@
 """End-to-end Helios generation speed: the JAX pipeline vs diffusers, per chunk, same device.
 
-  python bench/e2e.py --preset tiny --model distilled --chunks 3                  # CPU, both
-  python bench/e2e.py --preset tiny --chunks 2 --no_torch --json out.json          # JAX only
-  python bench/e2e.py --preset helios-14b --model distilled --steps 2,2,2 --chunks 6 \
+  python benchmarks/e2e.py --preset tiny --model distilled --chunks 3                  # CPU, both
+  python benchmarks/e2e.py --preset tiny --chunks 2 --no_torch --json out.json          # JAX only
+  python benchmarks/e2e.py --preset helios-14b --model distilled --steps 2,2,2 --chunks 6 \
       [--torch_compile] [--text_encoder_offload release] --json h100.json          # one GPU
-  python bench/e2e.py --preset helios-14b --dry_run                                # trace only
+  python benchmarks/e2e.py --preset helios-14b --dry_run                                # trace only
 
 Both sides build random-weight models of the preset's exact shapes (DiT and umT5 in
 `--dtype`, bfloat16 by default; Wan VAE in float32, as the reference pipelines run it) and
@@ -20,8 +20,9 @@ generate a text-to-video of `--chunks` 33-frame chunks at `--height`x`--width`:
   transformer, VAE decoder and text encoder ("max-autotune-no-cudagraphs", as `infer_helios.py
   --enable_compile`). Per-chunk times come from hooks on `prepare_latents` (chunk start), the
   transformer forward and `vae.decode` (device-synchronised). On CPU, `torch.linalg.cholesky`
-  of the block-noise covariance fails (the float32 matrix is indefinite), so it is patched to
-  return the analytic factor `helios_jax.schedulers.BLOCK_NOISE_L` when it raises.
+  of the block-noise covariance has no true answer (the float32 matrix is indefinite; LAPACK
+  raises on some CPUs and returns a residue on others), so it always returns the exact factor
+  `helios_jax.schedulers.block_noise_cholesky` there.
 
 Each side first runs a warm-up generation (`--warmup_chunks`, compiles everything), then the
 timed one. Reported per side: init and warm-up seconds, text encoding (once per video: 1
@@ -60,10 +61,12 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ helpers
 from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 import numpy as np
+
+from helios_jax.constants import CHUNK_FRAMES  # noqa: E402  pylint: disable=wrong-import-position
 
 # JAX's GPU pool defaults to 75% of the device: too little for the 40.6 GB of 14B-pipeline
 # parameters plus activations on an 80 GB card. (Read when the backend starts; no effect on CPU.)
@@ -72,7 +75,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 PRESETS = ("tiny", "helios-14b")
 MODELS = ("distilled", "mid", "base")
 DEFAULT_SIZE = {"tiny": (128, 128), "helios-14b": (384, 640)}
-WINDOW_FRAMES = 33
 # Valid (unpadded) tokens of the random prompt; the encoder always runs on 512 tokens.
 PROMPT_TOKENS = 120
 GB = 1e9
@@ -369,13 +371,13 @@ def run_jax(args) -> dict[str, Any]:
   warmup = 2 if args.warmup_chunks is None else args.warmup_chunks
   if warmup:
     t0 = time.perf_counter()
-    for _ in pipe.stream(num_frames=WINDOW_FRAMES * warmup, **kwargs):
+    for _ in pipe.stream(num_frames=CHUNK_FRAMES * warmup, **kwargs):
       pass
     warmup_s = time.perf_counter() - t0
     log(f"[jax] warm-up ({warmup} chunks, incl. compile) {warmup_s:.1f} s")
   chunks = []
   start = prev = time.perf_counter()
-  for c in pipe.stream(num_frames=WINDOW_FRAMES * args.chunks, **kwargs):
+  for c in pipe.stream(num_frames=CHUNK_FRAMES * args.chunks, **kwargs):
     now = time.perf_counter()
     wall = now - prev
     chunks.append({"index": c.index, "wall_s": wall, "dit_s": c.dit_seconds,
@@ -513,10 +515,13 @@ def _pick_torch_attention(requested: str, cuda: bool) -> str:
 
 
 class _CholeskyPatch:
-  """`torch.linalg.cholesky` that returns the analytic block-noise factor when torch's fails.
+  """`torch.linalg.cholesky` that returns the exact block-noise factor for CPU tensors.
 
-  The pyramid pipelines factor the float32 block-noise covariance, which is indefinite in
-  float32; CPU LAPACK refuses it (CUDA returns a rounding residue and is left alone).
+  The pyramid pipelines factor the block-noise covariance `(1 + g) I - g 11^T (+1e-8 I)` in
+  float32, where it is indefinite: what LAPACK returns depends on the CPU (an error on some,
+  a rounding residue on others). On CPU tensors of that pattern we always return
+  `block_noise_cholesky(g, k)`, so the reference's draws do not depend on the host's library;
+  CUDA tensors and every other matrix go to torch unchanged.
   """
 
   def __init__(self):
@@ -525,15 +530,32 @@ class _CholeskyPatch:
     self.orig = torch.linalg.cholesky
     self.patched = 0
 
+  @staticmethod
+  def block_noise_gamma(a) -> float | None:
+    """g when `a` is a k x k block-noise covariance `(1 + g) I - g 11^T (+1e-8 I)`, else None."""
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
+      return None
+    m = a.detach().double().cpu().numpy()
+    gamma = -m[0, 1]
+    off = m - np.diag(np.diag(m))
+    ones = np.ones_like(m) - np.eye(len(m))
+    if gamma <= 0 or np.abs(off + gamma * ones).max() > 1e-6:
+      return None
+    if np.abs(np.diag(m) - 1).max() > 1e-6:  # (1 + g) - g on the diagonal
+      return None
+    return float(np.float32(gamma))
+
   def __call__(self, a, *args, **kwargs):
-    try:
+    gamma = self.block_noise_gamma(a) if a.device.type == "cpu" else None
+    if gamma is None:
       return self.orig(a, *args, **kwargs)
-    except RuntimeError:
-      from helios_jax.schedulers import BLOCK_NOISE_L  # pylint: disable=g-import-not-at-top
-      if tuple(a.shape) != BLOCK_NOISE_L.shape:
-        raise
-      self.patched += 1
-      return self.torch.tensor(np.asarray(BLOCK_NOISE_L), dtype=a.dtype, device=a.device)
+    from helios_jax.schedulers import block_noise_cholesky  # pylint: disable=g-import-not-at-top
+    # The float32 gamma stands for the config's 1/3 etc.: snap to the nearest 1/n when close.
+    n = round(1 / gamma)
+    exact = 1 / n if abs(gamma - 1 / n) <= 1e-6 else gamma
+    self.patched += 1
+    return self.torch.tensor(block_noise_cholesky(exact, a.shape[0]), dtype=a.dtype,
+                             device=a.device)
 
   def __enter__(self):
     self.torch.linalg.cholesky = self
@@ -546,8 +568,9 @@ class _CholeskyPatch:
 class _TorchTimer:
   """Hooks a diffusers Helios pipeline: chunk starts, transformer calls, VAE decodes."""
 
-  def __init__(self, pipe, sync):
+  def __init__(self, pipe, sync, clock=time.perf_counter):
     self.sync = sync
+    self.clock = clock
     self.events: list[tuple[str, float, float]] = []
     self.enabled = False
     orig_prepare = pipe.prepare_latents
@@ -557,7 +580,7 @@ class _TorchTimer:
     def prepare(*a, **k):
       if self.enabled:
         self.sync()
-        t = time.perf_counter()
+        t = self.clock()
         self.events.append(("chunk", t, t))
       return orig_prepare(*a, **k)
 
@@ -566,10 +589,10 @@ class _TorchTimer:
         if not self.enabled:
           return fn(*a, **k)
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = fn(*a, **k)
         self.sync()
-        self.events.append((kind, t0, time.perf_counter()))
+        self.events.append((kind, t0, self.clock()))
         return out
       return wrapped
 
@@ -583,7 +606,7 @@ class _TorchTimer:
       def postprocess(*a, **k):
         if self.enabled:
           self.sync()
-          t = time.perf_counter()
+          t = self.clock()
           self.events.append(("finalize", t, t))
         return orig_post(*a, **k)
 
@@ -717,7 +740,7 @@ def run_torch(args) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t = time.perf_counter()
     with torch.no_grad(), _CholeskyPatch():
-      pipe(num_frames=WINDOW_FRAMES * chunks, generator=gen, **call)
+      pipe(num_frames=CHUNK_FRAMES * chunks, generator=gen, **call)
     sync()
     return time.perf_counter() - t
 
@@ -733,7 +756,7 @@ def run_torch(args) -> dict[str, Any]:
   sync()
   start = time.perf_counter()
   with torch.no_grad(), _CholeskyPatch() as chol:
-    pipe(num_frames=WINDOW_FRAMES * args.chunks,
+    pipe(num_frames=CHUNK_FRAMES * args.chunks,
          generator=torch.Generator(device=device).manual_seed(args.seed), **call)
   sync()
   end = time.perf_counter()
@@ -803,7 +826,7 @@ def summarize(side: dict[str, Any], fl: dict[str, float], args) -> dict[str, Any
   out["output_frames"] = frames
   if steady:
     wall, dit = out["steady_wall_s"], out["steady_dit_s"]
-    out["fps"] = WINDOW_FRAMES / wall
+    out["fps"] = CHUNK_FRAMES / wall
     out["dit_tflops"] = fl["dit_chunk"] / dit / 1e12
     out["dit_mfu_peak"] = out["dit_tflops"] / args.peak_tflops
     out["dit_mfu_matmul"] = out["dit_tflops"] / args.matmul_tflops
@@ -916,7 +939,7 @@ def _roofline(fl: dict[str, Any], matmul_tflops: float) -> str:
   """The FLOP floor of a steady chunk at the matmul rate, and the FPS ceiling it implies."""
   floor = (fl["dit_chunk"] + fl["vae_decode_chunk"]) / (matmul_tflops * 1e12)
   return (f"floor at {matmul_tflops:g} TFLOP/s: {floor:.3g} s per steady chunk = "
-          f"{WINDOW_FRAMES / floor:.3g} FPS ceiling")
+          f"{CHUNK_FRAMES / floor:.3g} FPS ceiling")
 
 
 def format_dry_run(res: dict[str, Any], args) -> str:
@@ -973,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
               if k not in ("json",)}
   results: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(
-      timespec="seconds"), "command": "python bench/e2e.py " + " ".join(argv),
+      timespec="seconds"), "command": "python benchmarks/e2e.py " + " ".join(argv),
                              "settings": settings}
   if args.dry_run:
     results["dry_run"] = dry_run(args)

@@ -14,12 +14,13 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from helios_jax.bench import drift as drift_lib
-from helios_jax.bench import motion as motion_lib
-from helios_jax.bench import naming
-from helios_jax.bench import proxies
-from helios_jax.bench import results as res
-from helios_jax.bench import video_io
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.heliosbench import motion as motion_lib
+from helios_jax.heliosbench import naming
+from helios_jax.heliosbench import proxies
+from helios_jax.heliosbench import results as res
+from helios_jax.heliosbench import video_io
+from helios_jax.constants import CHUNK_FRAMES
 
 ENV = {
     "clip_model": "HELIOS_BENCH_CLIP_MODEL",
@@ -62,7 +63,7 @@ class ScorerOptions:
   vlm_model: str | None = None
   vlm_api_key: str | None = None
   dtype: str = "float32"
-  chunk_frames: int = drift_lib.HELIOS_CHUNK_FRAMES
+  chunk_frames: int = CHUNK_FRAMES
 
   def resolved(self, environ: Mapping[str, str] | None = None) -> "ScorerOptions":
     """Fills unset fields from the HELIOS_BENCH_* environment variables."""
@@ -113,21 +114,31 @@ class Family:
     return {}
 
 
-class _MotionAcc:
+class _ScoreAcc:
+  """Adapts one metric accumulator (`update`, `score`, `drift`, `chunk_curve`) to the runner.
 
-  def __init__(self, chunk):
-    self.m, self.chunk = motion_lib.MotionAmplitude(), chunk
+  The family's first output key is the score (`RESULT_SPECS[key].value_key`), the second its
+  drift entry; `extra` fields (e.g. the prompt) join every result, and the per-chunk curve is
+  reported under the score key when `chunk` is given.
+  """
+
+  def __init__(self, metric, outputs: Sequence[str], chunk: int | None = None,
+               extra: dict[str, Any] | None = None):
+    self.metric, self.score_key, self.chunk = metric, outputs[0], chunk
+    self.extra = dict(extra or {})
 
   def update(self, frame):
-    self.m.update(frame)
+    self.metric.update(frame)
 
   def result(self, key):
-    if key == "motion_amplitude":
-      return {"motion_fb": self.m.score()}
-    return res.drift_values(res.RESULT_SPECS[key], *self.m.drift())
+    if key == self.score_key:
+      return {**self.extra, res.RESULT_SPECS[key].value_key: self.metric.score()}
+    return {**self.extra, **res.drift_values(res.RESULT_SPECS[key], *self.metric.drift())}
 
   def curves(self):
-    return {"motion_amplitude": self.m.chunk_curve(self.chunk)}
+    if self.chunk is None:
+      return {}
+    return {self.score_key: self.metric.chunk_curve(self.chunk)}
 
 
 class MotionFamily(Family):
@@ -138,7 +149,7 @@ class MotionFamily(Family):
     self.chunk = opts.chunk_frames
 
   def new(self, entry, prompt, expected_frames):
-    return _MotionAcc(self.chunk)
+    return _ScoreAcc(motion_lib.MotionAmplitude(), self.outputs, self.chunk)
 
 
 class _ColorAcc:
@@ -167,23 +178,6 @@ class ColorProxyFamily(Family):
     return _ColorAcc(self.chunk)
 
 
-class _SsimAcc:
-
-  def __init__(self, chunk):
-    self.s, self.chunk = proxies.TemporalSSIM(), chunk
-
-  def update(self, frame):
-    self.s.update(frame)
-
-  def result(self, key):
-    if key == "proxy_temporal_ssim":
-      return {"proxy_temporal_ssim_score": self.s.score()}
-    return res.drift_values(res.RESULT_SPECS[key], *self.s.drift())
-
-  def curves(self):
-    return {"proxy_temporal_ssim": self.s.chunk_curve(self.chunk)}
-
-
 class SsimProxyFamily(Family):
   name = "proxy_ssim"
   outputs = ("proxy_temporal_ssim", "proxy_drifting_temporal_ssim")
@@ -192,25 +186,7 @@ class SsimProxyFamily(Family):
     self.chunk = opts.chunk_frames
 
   def new(self, entry, prompt, expected_frames):
-    return _SsimAcc(self.chunk)
-
-
-class _AestheticAcc:
-
-  def __init__(self, scorer, chunk):
-    from helios_jax.bench import aesthetic  # pylint: disable=g-import-not-at-top
-    self.a, self.chunk = aesthetic.AestheticAccumulator(scorer), chunk
-
-  def update(self, frame):
-    self.a.update(frame)
-
-  def result(self, key):
-    if key == "aesthetic":
-      return {"aesthetic_score": self.a.score()}
-    return res.drift_values(res.RESULT_SPECS[key], *self.a.drift())
-
-  def curves(self):
-    return {"aesthetic": self.a.chunk_curve(self.chunk)}
+    return _ScoreAcc(proxies.TemporalSSIM(), self.outputs, self.chunk)
 
 
 class AestheticFamily(Family):
@@ -221,30 +197,13 @@ class AestheticFamily(Family):
     return _missing(clip_model=opts.clip_model, aesthetic_head=opts.aesthetic_head)
 
   def setup(self, opts):
-    from helios_jax.bench import aesthetic  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import aesthetic  # pylint: disable=g-import-not-at-top
     self.scorer = aesthetic.AestheticScorer(opts.clip_model, opts.aesthetic_head, opts.dtype)
     self.chunk = opts.chunk_frames
 
   def new(self, entry, prompt, expected_frames):
-    return _AestheticAcc(self.scorer, self.chunk)
-
-
-class _SmoothAcc:
-
-  def __init__(self, interp, expected, keys):
-    from helios_jax.bench import smoothness  # pylint: disable=g-import-not-at-top
-    self.s, self.keys = smoothness.SmoothnessAccumulator(interp, expected), keys
-
-  def update(self, frame):
-    self.s.update(frame)
-
-  def result(self, key):
-    if key == self.keys[0]:
-      return {res.RESULT_SPECS[key].value_key: self.s.score()}
-    return res.drift_values(res.RESULT_SPECS[key], *self.s.drift())
-
-  def curves(self):
-    return {}
+    from helios_jax.heliosbench import aesthetic  # pylint: disable=g-import-not-at-top
+    return _ScoreAcc(aesthetic.AestheticAccumulator(self.scorer), self.outputs, self.chunk)
 
 
 class SmoothnessFamily(Family):
@@ -258,11 +217,12 @@ class SmoothnessFamily(Family):
     return _missing(upstream_eval=opts.upstream_eval, amt_ckpt=opts.amt_ckpt)
 
   def setup(self, opts):
-    from helios_jax.bench import smoothness  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import smoothness  # pylint: disable=g-import-not-at-top
     self.interp = smoothness.AmtInterpolator(opts.upstream_eval, opts.amt_ckpt, opts.amt_config)
 
   def new(self, entry, prompt, expected_frames):
-    return _SmoothAcc(self.interp, expected_frames, self.outputs)
+    from helios_jax.heliosbench import smoothness  # pylint: disable=g-import-not-at-top
+    return _ScoreAcc(smoothness.SmoothnessAccumulator(self.interp, expected_frames), self.outputs)
 
 
 class BlendSmoothnessFamily(SmoothnessFamily):
@@ -275,26 +235,8 @@ class BlendSmoothnessFamily(SmoothnessFamily):
     return None
 
   def setup(self, opts):
-    from helios_jax.bench import smoothness  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import smoothness  # pylint: disable=g-import-not-at-top
     self.interp = smoothness.BlendInterpolator()
-
-
-class _SemanticAcc:
-
-  def __init__(self, scorer, prompt, expected):
-    from helios_jax.bench import semantic  # pylint: disable=g-import-not-at-top
-    self.s, self.prompt = semantic.SemanticAccumulator(scorer, prompt, expected), prompt
-
-  def update(self, frame):
-    self.s.update(frame)
-
-  def result(self, key):
-    if key == "semantic":
-      return {"prompt": self.prompt, "semantic_score": self.s.score()}
-    return {"prompt": self.prompt, **res.drift_values(res.RESULT_SPECS[key], *self.s.drift())}
-
-  def curves(self):
-    return {}
 
 
 class SemanticFamily(Family):
@@ -306,13 +248,15 @@ class SemanticFamily(Family):
     return _missing(upstream_eval=opts.upstream_eval, viclip_dir=opts.viclip_dir)
 
   def setup(self, opts):
-    from helios_jax.bench import semantic  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import semantic  # pylint: disable=g-import-not-at-top
     self.scorer = semantic.ViClipScorer(opts.upstream_eval, opts.viclip_dir)
 
   def new(self, entry, prompt, expected_frames):
     if prompt is None:
       raise ValueError(f"no prompt for id {entry.name.id}")
-    return _SemanticAcc(self.scorer, prompt, expected_frames)
+    from helios_jax.heliosbench import semantic  # pylint: disable=g-import-not-at-top
+    return _ScoreAcc(semantic.SemanticAccumulator(self.scorer, prompt, expected_frames),
+                     self.outputs, extra={"prompt": prompt})
 
 
 class _NaturalAcc:
@@ -354,7 +298,7 @@ class NaturalnessFamily(Family):
     return None
 
   def setup(self, opts):
-    from helios_jax.bench import naturalness  # pylint: disable=g-import-not-at-top
+    from helios_jax.heliosbench import naturalness  # pylint: disable=g-import-not-at-top
     self.model = opts.vlm_model or naturalness.DEFAULT_MODEL
     self.judge = naturalness.VlmJudge(opts.vlm_base_url, opts.vlm_api_key or "", self.model,
                                       transport=self.transport)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax.bench.clip import CLIP_MEAN, CLIP_STD
+from helios_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 _A = -0.75
 

@@ -1,6 +1,6 @@
 """Throughput of the model-free HeliosBench Motion Amplitude metric on CPU (videos/min).
 
-  python bench/heliosbench_metrics.py [--videos data/toy_data/videos] [--repeat 1]
+  python benchmarks/heliosbench_metrics.py [--videos data/toy_data/videos] [--repeat 1]
 
 Per video: decode (video-reader-rs emulation through FFmpeg, 640 px wide) and Farneback flow
 timed separately; the table ends with frames/s and videos/min for the folder.
@@ -15,9 +15,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helios_jax.bench import motion  # pylint: disable=g-import-not-at-top,wrong-import-position
-from helios_jax.bench import naming  # pylint: disable=g-import-not-at-top,wrong-import-position
-from helios_jax.bench import video_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helios_jax.heliosbench import motion  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helios_jax.heliosbench import naming  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helios_jax.heliosbench import video_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def bench_video(path: str) -> dict:

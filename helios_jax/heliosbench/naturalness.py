@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from helios_jax.bench import drift as drift_lib
-from helios_jax.bench import video_io
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.heliosbench import video_io
 
 DEFAULT_MODEL = "gpt-5.2-2025-12-11"
 NUM_FRAMES = 16

@@ -1,6 +1,6 @@
 """Measured effect of Stage 3 on the CPU miniature: is the 6-call student closer to its teacher?
 
-  python bench/distill_effect.py [--workdir /tmp/distill] [--ode_steps 150] [--dmd_steps 40]
+  python benchmarks/distill_effect.py [--workdir /tmp/distill] [--ode_steps 150] [--dmd_steps 40]
 
 Chain (every stage through its real command line, tiny DiT, synthetic latents 16x16):
   stage1.py:tiny -> merge -> stage2.py:tiny -> merge = the teacher (a tiny "Helios-Mid");

@@ -1,7 +1,7 @@
 """Pallas kernels vs XLA (and cuDNN attention) at the Helios-14B shapes, on one GPU.
 
-  python bench/kernels.py [--backward] [--iters 20] [--json out.json]
-  python bench/kernels.py --cpu_smoke      # tiny shapes, Pallas interpret mode, any machine
+  python benchmarks/kernels.py [--backward] [--iters 20] [--json out.json]
+  python benchmarks/kernels.py --cpu_smoke      # tiny shapes, Pallas interpret mode, any machine
 
 Shapes (architecture.md §3.7, §8): the three pyramid stages at 384x640 with 2400 history
 tokens, S = 2940 / 4560 / 11040 tokens, N = S - 2400 noisy tokens, 40 heads x 128 (D = 5120),

@@ -1,9 +1,9 @@
 """Training-step benchmark: step time, tokens/s and memory of the Stage 1/2 step.
 
-  python bench/train_step.py                                  # tiny config, this machine
-  python bench/train_step.py --objective pyramid_flow_matching
-  python bench/train_step.py --preset helios-14b              # one 14B step (GPU, 80 GB)
-  python bench/train_step.py --preset helios-14b --trace_only # eval_shape only (any machine)
+  python benchmarks/train_step.py                                  # tiny config, this machine
+  python benchmarks/train_step.py --objective pyramid_flow_matching
+  python benchmarks/train_step.py --preset helios-14b              # one 14B step (GPU, 80 GB)
+  python benchmarks/train_step.py --preset helios-14b --trace_only # eval_shape only (any machine)
 
 The step is the trainer's (`trainer.make_train_step`): sample drop + history corruption, the
 stage loss through the LoRA-merged DiT (per-block remat), grads w.r.t. the fp32 trainables,

@@ -1,6 +1,6 @@
 """DiT forward on CPU: jitted JAX vs diffusers eager on the same small config, side by side.
 
-  python bench/dit_cpu.py [--layers 4] [--heads 4] [--head_dim 32] [--latent 16] [--repeats 5]
+  python benchmarks/dit_cpu.py [--layers 4] [--heads 4] [--head_dim 32] [--latent 16] [--repeats 5]
 
 Both run in fp32 on the same weights (the diffusers model is saved and loaded through our
 converter) with the Helios history layout (short 2 + mid 2 + long 16 frames, 9 noisy frames).
@@ -15,7 +15,7 @@ import sys
 import statistics
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ helpers
 from _timing import compile_and_time, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from helios_jax.bench import drift as drift_lib
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.constants import CHUNK_FRAMES
 
 # `cv2.calcOpticalFlowFarneback` arguments of the upstream script.
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2,
@@ -76,6 +77,6 @@ class MotionAmplitude:
     """(|start - end|, start, end) over the first/last 15% (at least 2 frames per window)."""
     return drift_lib.window_drift(self.window_score, self.num_frames, minimum=2)
 
-  def chunk_curve(self, chunk: int = drift_lib.HELIOS_CHUNK_FRAMES) -> list[float]:
+  def chunk_curve(self, chunk: int = CHUNK_FRAMES) -> list[float]:
     """Motion amplitude of each `chunk`-frame chunk."""
     return [self.window_score(s, e) for s, e in drift_lib.chunk_bounds(self.num_frames, chunk)]

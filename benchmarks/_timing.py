@@ -1,4 +1,4 @@
-"""Wall-clock timing shared by the benchmark scripts (run as `python bench/<name>.py`)."""
+"""Wall-clock timing shared by the benchmark scripts (run as `python benchmarks/<name>.py`)."""
 
 from __future__ import annotations
 

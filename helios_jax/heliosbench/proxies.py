@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from helios_jax.bench import drift as drift_lib
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.constants import CHUNK_FRAMES
 
 HIST_BINS = 32
 _C1 = (0.01 * 255) ** 2
@@ -109,7 +110,7 @@ class ColorStats:
     out.update({f"end_mean_{c}": m1[c] for c in self.CHANNELS})
     return out
 
-  def chunk_curves(self, chunk: int = drift_lib.HELIOS_CHUNK_FRAMES) -> dict[str, list[float]]:
+  def chunk_curves(self, chunk: int = CHUNK_FRAMES) -> dict[str, list[float]]:
     """Per-chunk mean luma and saturation (0-255)."""
     bounds = drift_lib.chunk_bounds(self.num_frames, chunk)
     means = [self.window_means(s, e) for s, e in bounds]
@@ -147,5 +148,5 @@ class TemporalSSIM:
   def drift(self) -> tuple[float, float, float]:
     return drift_lib.window_drift(self.window_score, self.num_frames, minimum=2)
 
-  def chunk_curve(self, chunk: int = drift_lib.HELIOS_CHUNK_FRAMES) -> list[float]:
+  def chunk_curve(self, chunk: int = CHUNK_FRAMES) -> list[float]:
     return [self.window_score(s, e) for s, e in drift_lib.chunk_bounds(self.num_frames, chunk)]

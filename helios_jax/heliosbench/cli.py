@@ -1,9 +1,9 @@
 """HeliosBench CLI: `generate` videos, `metrics` scores a folder, `merge` rates, totals, plots.
 
-  python -m helios_jax.bench.heliosbench generate --model_dir DIR --out VIDEOS \
+  python -m helios_jax.heliosbench generate --model_dir DIR --out VIDEOS \
       [--ids 1-10 ...] [--durations 120 240] [--height 384 --width 640 --steps 2 2 2 --seed 42]
-  python -m helios_jax.bench.heliosbench metrics --videos VIDEOS --out RESULTS [--metrics all]
-  python -m helios_jax.bench.heliosbench merge --results RESULTS [--short] \
+  python -m helios_jax.heliosbench metrics --videos VIDEOS --out RESULTS [--metrics all]
+  python -m helios_jax.heliosbench merge --results RESULTS [--short] \
       [--fps 19.5 | --fps-from VIDEOS]
 
 `generate` writes `{id}_{duration}_ori{frames}.mp4` (resumable; see `generation.py`) plus
@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from helios_jax.bench import generation
-from helios_jax.bench import merge as merge_lib
-from helios_jax.bench import naming
-from helios_jax.bench import runner
+from helios_jax.constants import CHUNK_FRAMES
+from helios_jax.heliosbench import generation
+from helios_jax.heliosbench import merge as merge_lib
+from helios_jax.heliosbench import naming
+from helios_jax.heliosbench import runner
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "default gpt-5.2-2025-12-11]")
   m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="JAX CLIP parameter dtype")
-  m.add_argument("--chunk-frames", type=int, default=33, help="frames per chunk for the curves")
+  m.add_argument("--chunk-frames", type=int, default=CHUNK_FRAMES, help="frames per chunk for the curves")
   m.add_argument("--no-progress", action="store_true")
   m.set_defaults(fn=_metrics)
 

@@ -1,6 +1,6 @@
 """umT5 encoder on CPU: jitted JAX vs transformers eager on the same small config, side by side.
 
-  python bench/text_encoder.py [--layers 4] [--heads 4] [--d_kv 64] [--d_model 256]
+  python benchmarks/text_encoder.py [--layers 4] [--heads 4] [--d_kv 64] [--d_model 256]
                                [--batch 2] [--seq 512] [--repeats 5]
 
 Both run in fp32 on the same weights (the transformers model is saved and loaded through
@@ -16,7 +16,7 @@ import sys
 import statistics
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/ helpers
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ helpers
 from _timing import compile_and_time, torch_time  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from helios_jax.bench import clip as clip_lib
-from helios_jax.bench import drift as drift_lib
-from helios_jax.bench import preprocess
+from helios_jax.models import clip as clip_lib
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.heliosbench import preprocess
+from helios_jax.constants import CHUNK_FRAMES
 
 BATCH_SIZE = 32
 
@@ -104,6 +105,6 @@ class AestheticAccumulator:
     s = self.scores()
     return drift_lib.window_drift(lambda a, b: float(np.mean(s[a:b])), len(s), minimum=1)
 
-  def chunk_curve(self, chunk: int = drift_lib.HELIOS_CHUNK_FRAMES) -> list[float]:
+  def chunk_curve(self, chunk: int = CHUNK_FRAMES) -> list[float]:
     s = self.scores()
     return [float(np.mean(s[a:b])) for a, b in drift_lib.chunk_bounds(len(s), chunk)]

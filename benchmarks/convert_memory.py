@@ -1,6 +1,6 @@
 """Peak host RAM of the transformer converter on a synthetic full-width bf16 checkpoint.
 
-  python bench/convert_memory.py --layers 4 8 [--workdir /tmp/helios_convert_mem]
+  python benchmarks/convert_memory.py --layers 4 8 [--workdir /tmp/helios_convert_mem]
 
 Writes a diffusers-layout `transformer/` folder with the exact 14B tensor shapes (random bf16
 values, one shard per block) for each layer count, converts it with

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from helios_jax.constants import CHUNK_FRAMES
+
 # Every upstream drift script uses `DRIFT_RATIO = 0.15`.
 DRIFT_RATIO = 0.15
-# Helios generates 33-frame chunks; per-chunk curves use the same granularity.
-HELIOS_CHUNK_FRAMES = 33
+# Per-chunk curves use the granularity Helios generates at (33-frame chunks, CHUNK_FRAMES).
 
 
 def drift_window_len(num_frames: int, minimum: int = 1, ratio: float = DRIFT_RATIO) -> int:
@@ -54,7 +55,7 @@ def window_drift(score_fn: Callable[[int, int], float], num_frames: int, minimum
   return drift_entry(score_fn(s0, e0), score_fn(s1, e1))
 
 
-def chunk_bounds(num_frames: int, chunk: int = HELIOS_CHUNK_FRAMES) -> list[tuple[int, int]]:
+def chunk_bounds(num_frames: int, chunk: int = CHUNK_FRAMES) -> list[tuple[int, int]]:
   """Consecutive [start, stop) ranges of `chunk` frames (the last one may be shorter)."""
   if chunk < 1:
     raise ValueError(f"chunk={chunk} must be >= 1")

@@ -16,8 +16,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax.bench import drift as drift_lib
-from helios_jax.bench import preprocess
+from helios_jax.heliosbench import drift as drift_lib
+from helios_jax.heliosbench import preprocess
 
 NUM_FRAMES = 8
 VICLIP_WEIGHTS = "ViClip-InternVid-10M-FLT.pth"

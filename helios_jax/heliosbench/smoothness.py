@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from helios_jax.bench import drift as drift_lib
+from helios_jax.heliosbench import drift as drift_lib
 
 DEFAULT_AMT_NETWORK = {"name": "utils.third_party.amt.networks.AMT-S.Model",
                        "params": {"corr_radius": 3, "corr_lvls": 4, "num_flows": 3}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from helios_jax.bench import results as res
+from helios_jax.heliosbench import results as res
 
 
 def _plt():

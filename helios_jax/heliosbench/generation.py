@@ -36,8 +36,9 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from helios_jax import sampling
-from helios_jax.bench import naming
-from helios_jax.bench import results as res
+from helios_jax.constants import CHUNK_FRAMES
+from helios_jax.heliosbench import naming
+from helios_jax.heliosbench import results as res
 
 SETTINGS_FILE = "generation_settings.json"
 LOG_FILE = "generation_log.jsonl"
@@ -45,7 +46,6 @@ TIMINGS_FILE = "timings.json"
 LOCK_FILE = ".heliosbench-generate.lock"
 TMP_GLOB = ".tmp-*.mp4"  # `media.write_video`'s temporary files
 
-CHUNK_FRAMES = (sampling.CHUNK_LATENT_FRAMES - 1) * 4 + 1  # 33 frames per chunk
 TINY_MODELS = ("base", "mid", "distilled")
 TINY_SIZE = 128
 PROTOCOL_SIZE = (384, 640)  # benchmark.md §1.5: throughput is measured at 384x640
@@ -241,7 +241,7 @@ def summarize(records: Sequence[dict[str, Any]], out_dir: str | None = None) -> 
   sum(frames) / sum(seconds) over warm videos (compiled programs), or over all videos with
   `includes_compilation: true` when none is warm.
   """
-  from helios_jax.bench import merge as merge_lib  # pylint: disable=g-import-not-at-top
+  from helios_jax.heliosbench import merge as merge_lib  # pylint: disable=g-import-not-at-top
   latest: dict[str, dict[str, Any]] = {}
   for rec in records:
     latest[rec["video_name"]] = rec
