@@ -87,10 +87,9 @@ def evaluate(p: dict[str, str], num_prompts: int, seed: int = 123) -> dict[str, 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from helios_jax import checkpoint, presets, sampling  # pylint: disable=g-import-not-at-top
+  from helios_jax import checkpoint, sampling, variants  # pylint: disable=g-import-not-at-top
   from helios_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from helios_jax.models import transformer as tr  # pylint: disable=g-import-not-at-top
-  from helios_jax.schedulers import config as sc_lib  # pylint: disable=g-import-not-at-top
 
   def load(folder):
     _, module = checkpoint.load_model(tr.TransformerSpec(), folder, jnp.float32)
@@ -105,12 +104,14 @@ def evaluate(p: dict[str, str], num_prompts: int, seed: int = 123) -> dict[str, 
     text[i, :emb.shape[0]] = emb
   text = jnp.asarray(text)
   neg = jnp.zeros_like(text)
-  sched = lambda name: sc_lib.SchedulerConfig.from_dict(presets.SCHEDULERS[name])
-  teacher_sc = sampling.SamplerConfig(scheduler=sched("mid"), pyramid=True, steps=(20, 20, 20),
-                                      guidance="cfg", guidance_scale=5.0, latent_height=16,
-                                      latent_width=16)
-  student_sc = sampling.SamplerConfig(scheduler=sched("distilled"), pyramid=True,
-                                      steps=(2, 2, 2), amplify_first_chunk=True,
+  mid, distilled = variants.get_variant("mid"), variants.get_variant("distilled")
+  teacher_sc = sampling.SamplerConfig(scheduler=mid.scheduler_config, pyramid=True,
+                                      steps=mid.default_steps, guidance="cfg",
+                                      guidance_scale=mid.default_guidance_scale,
+                                      latent_height=16, latent_width=16)
+  student_sc = sampling.SamplerConfig(scheduler=distilled.scheduler_config, pyramid=True,
+                                      steps=distilled.default_steps,
+                                      amplify_first_chunk=distilled.amplify_first_chunk,
                                       latent_height=16, latent_width=16)
   b = num_prompts
   keys = jax.random.split(jax.random.key(seed), 2)

@@ -66,15 +66,13 @@ from _timing import timeit  # noqa: E402  pylint: disable=g-import-not-at-top,wr
 
 import numpy as np
 
+from helios_jax import variants  # noqa: E402  pylint: disable=wrong-import-position
 from helios_jax.constants import CHUNK_FRAMES  # noqa: E402  pylint: disable=wrong-import-position
 
 # JAX's GPU pool defaults to 75% of the device: too little for the 40.6 GB of 14B-pipeline
 # parameters plus activations on an 80 GB card. (Read when the backend starts; no effect on CPU.)
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
-PRESETS = ("tiny", "helios-14b")
-MODELS = ("distilled", "mid", "base")
-DEFAULT_SIZE = {"tiny": (128, 128), "helios-14b": (384, 640)}
 # Valid (unpadded) tokens of the random prompt; the encoder always runs on 512 tokens.
 PROMPT_TOKENS = 120
 GB = 1e9
@@ -91,10 +89,10 @@ def log(msg: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", choices=PRESETS, default="tiny",
+  p.add_argument("--preset", choices=list(variants.SIZES), default="tiny",
                  help="model shapes: 'tiny' (CPU) or the released 14B pipeline")
-  p.add_argument("--model", choices=MODELS, default="distilled",
-                 help="checkpoint type: sampler, steps and guidance defaults")
+  p.add_argument("--model", choices=list(variants.VARIANTS), default=variants.DEFAULT_VARIANT,
+                 help="released variant: sampler, steps and guidance defaults")
   p.add_argument("--steps", default=None,
                  help="steps per pyramid stage, e.g. 2,2,2 (Base: one number); default per model")
   p.add_argument("--guidance_scale", type=float, default=None,
@@ -149,14 +147,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.no_torch:
     args.side = "jax"
-  h, w = DEFAULT_SIZE[args.preset]
+  h, w = variants.get_size(args.preset).resolution
   args.height = h if args.height is None else args.height
   args.width = w if args.width is None else args.width
   for name in ("height", "width"):
     v = getattr(args, name)
     if v <= 0 or v % 16:
       p.error(f"--{name}={v} must be a positive multiple of 16")
-  if args.model != "base" and (args.height % 64 or args.width % 64):
+  variant = variants.get_variant(args.model)
+  if variant.pyramid and (args.height % 64 or args.width % 64):
     p.error(f"--height={args.height} / --width={args.width}: the 3-stage pyramid needs "
             "multiples of 64")
   if args.chunks < 1:
@@ -180,7 +179,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       args.steps = tuple(int(s) for s in str(args.steps).split(",") if s.strip())
     except ValueError:
       p.error(f"--steps={args.steps!r} must be comma-separated integers")
-    want = 1 if args.model == "base" else 3
+    want = len(variant.default_steps)
     if len(args.steps) != want or min(args.steps) < 1:
       p.error(f"--steps={','.join(map(str, args.steps))}: the {args.model} model takes {want} "
               "positive step count(s)")
@@ -195,17 +194,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def preset_configs(preset: str):
-  """(DiT, VAE, umT5) configs of a preset."""
-  from helios_jax import presets  # pylint: disable=g-import-not-at-top
-  from helios_jax.config import HeliosTransformerConfig  # pylint: disable=g-import-not-at-top
-  from helios_jax.models.text_encoder import UMT5Config  # pylint: disable=g-import-not-at-top
-  from helios_jax.models.vae import WanVAEConfig  # pylint: disable=g-import-not-at-top
-  if preset == "tiny":
-    return presets.tiny_configs()
-  if preset == "helios-14b":
-    return (HeliosTransformerConfig.from_preset("helios-14b"), WanVAEConfig.from_preset("wan2.1"),
-            UMT5Config.from_preset("umt5-xxl"))
-  raise ValueError(f"preset={preset!r} must be one of {PRESETS}")
+  """(DiT, VAE, umT5) configs of a model size (`variants.SIZES`)."""
+  return variants.get_size(preset).configs()
 
 
 def sampler_config(args):
@@ -262,7 +252,6 @@ def build_jax(args, abstract: bool = False) -> JaxComponents:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from helios_jax import flops  # pylint: disable=g-import-not-at-top
   from helios_jax import pipeline as pl  # pylint: disable=g-import-not-at-top
   from helios_jax.models import text_encoder as te_lib  # pylint: disable=g-import-not-at-top
   from helios_jax.models import transformer as tr_lib  # pylint: disable=g-import-not-at-top
@@ -285,8 +274,8 @@ def build_jax(args, abstract: bool = False) -> JaxComponents:
   transformer = tr_lib.HeliosTransformer(dit_cfg, dit)
   vae = vae_lib.WanVAE(vae_cfg, vae)
   te_graphdef, te_state = nnx.split(te)
-  pipe = pl.Pipeline(transformer, vae, flops.model_scheduler(args.model),
-                     flops.model_flags(args.model))
+  variant = variants.get_variant(args.model)
+  pipe = pl.Pipeline(transformer, vae, variant.scheduler_config, variant.flags)
   sizes = {"transformer": _tree_bytes(transformer.params), "vae": _tree_bytes(vae.params),
            "text_encoder": _tree_bytes(te_state)}
   return JaxComponents(pipe, te_graphdef, te_state, te_device, sizes)
@@ -649,7 +638,6 @@ def run_torch(args) -> dict[str, Any]:
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from helios_jax import presets  # pylint: disable=g-import-not-at-top
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   if not cuda:
@@ -690,15 +678,13 @@ def run_torch(args) -> dict[str, Any]:
   for part, module in (("transformer", tr), ("vae", vae.decoder), ("text_encoder", te)):
     if part in compiled:  # the bound forward, so the timing hooks stay outside the graph
       module.forward = torch.compile(module.forward, **compile_kw)
-  sched_kw = dict(presets.SCHEDULERS[args.model])
+  variant = variants.get_variant(args.model)
+  sched_kw = dict(variant.scheduler)
   sched = getattr(diffusers, sched_kw.pop("_class_name"))(**sched_kw)
-  if args.model == "base":
-    pipe = diffusers.HeliosPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=sched,
-                                    transformer=tr)
-  else:
-    pipe = diffusers.HeliosPyramidPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, scheduler=sched, transformer=tr,
-        is_cfg_zero_star=args.model == "mid", is_distilled=args.model == "distilled")
+  flag_kw = dict(is_cfg_zero_star=variant.is_cfg_zero_star,
+                 is_distilled=variant.is_distilled) if variant.pyramid else {}
+  pipe = getattr(diffusers, variant.pipeline_class)(
+      tokenizer=None, text_encoder=None, vae=vae, scheduler=sched, transformer=tr, **flag_kw)
   pipe.set_progress_bar_config(disable=True)
   sc = sampler_config(args)
   cfg_on = sc.guidance != "none"
@@ -726,14 +712,12 @@ def run_torch(args) -> dict[str, Any]:
   call = dict(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:2] if cfg_on else None,
               height=args.height, width=args.width, guidance_scale=sc.guidance_scale,
               output_type="np")
-  if args.model == "base":
-    call["num_inference_steps"] = sc.steps[0]
+  if sc.pyramid:
+    call.update(pyramid_num_inference_steps_list=list(sc.steps),
+                is_amplify_first_chunk=sc.amplify_first_chunk, use_zero_init=sc.use_zero_init,
+                zero_steps=sc.zero_steps)
   else:
-    call["pyramid_num_inference_steps_list"] = list(sc.steps)
-    if args.model == "distilled":
-      call["is_amplify_first_chunk"] = sc.amplify_first_chunk
-    else:
-      call.update(use_zero_init=sc.use_zero_init, zero_steps=sc.zero_steps)
+    call["num_inference_steps"] = sc.steps[0]
   timer = _TorchTimer(pipe, sync)
 
   def generate(chunks: int) -> float:

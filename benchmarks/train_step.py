@@ -16,6 +16,7 @@ prints the parameter / optimizer-state sizes, which is what decides the mesh. No
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,11 +30,11 @@ import numpy as np
 from flax import nnx
 
 from experiments import common  # pylint: disable=g-import-not-at-top
+from helios_jax import sharding
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.training import lora
 from helios_jax.training import losses
 from helios_jax.training import optim
-from helios_jax.training import sharding
 from helios_jax.training import trainer
 
 
@@ -48,7 +49,7 @@ def make_config(args) -> "trainer.Settings":
   c.model.param_dtype = args.dtype
   if args.layers:
     c.model.overrides.num_layers = args.layers
-  c.trainable.lora_rank = c.trainable.lora_alpha = args.rank
+  c.trainable.rank, c.trainable.alpha = args.rank, float(args.rank)
   c.trainable.patch_embedding = "lora"
   c.trainable.memory_patches = "full" if args.objective == "flow_matching" else "lora"
   c.mesh.fsdp = -1
@@ -88,7 +89,7 @@ def main():
   st = make_config(args)
   cfg = HeliosTransformerConfig.from_preset(st.model.preset).replace(**dict(st.model.overrides))
   text_len = 512 if big else 16
-  mesh = sharding.make_mesh(st.mesh)
+  mesh = sharding.make_mesh("training", **dataclasses.asdict(st.mesh))
   spec = st.model.spec()
   graphdef, abstract_base = spec.abstract(cfg, st.model.dtype)
   key = jax.random.key(0)

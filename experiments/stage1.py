@@ -42,7 +42,7 @@ def get_config(arg=None):
   # S1-post from Helios-Base/transformer_init (the merged S1-init result).
   c.model.init_format = "wan" if phase == "init" else "helios"
   c.model.init_from = a.init
-  c.trainable.lora_rank, c.trainable.lora_alpha = 128, 128.0
+  c.trainable.rank, c.trainable.alpha = 128, 128.0
   c.trainable.patch_embedding = "lora"
   c.trainable.memory_patches = "full"
   c.optim.lr = 5e-5 if phase == "init" else 3e-5

@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.objective.multiplicities = (1, 2, 1) if phase == "init" else (1, 1, 1)
   c.model.init_format = "helios"  # Helios-Base/transformer (init), Helios-Mid/transformer_init
   c.model.init_from = a.init
-  c.trainable.lora_rank, c.trainable.lora_alpha = 256, 256.0
+  c.trainable.rank, c.trainable.alpha = 256, 256.0
   c.trainable.patch_embedding = "frozen" if phase == "init" else "lora"
   c.trainable.memory_patches = "frozen" if phase == "init" else "lora"
   c.optim.lr = 1e-4 if phase == "init" else 3e-5

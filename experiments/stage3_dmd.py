@@ -31,6 +31,9 @@ except ImportError:  # launched from outside the repository root
   from experiments import common  # pylint: disable=g-import-not-at-top
 import ml_collections
 
+from helios_jax.training import settings
+from helios_jax.training import stage3
+
 
 def get_config(arg=None):
   """Stage 3b config; arg: "gan", "tiny", "init=<student>", "score=<Base>", "steps=N"."""
@@ -48,25 +51,23 @@ def get_config(arg=None):
   c.ema.update_after_step = 750
   c.drop.update(dict(enabled=True, p_t2v=0.4, p_i2v=0.0, p_v2v=0.5))
   c.corrupt.update(dict(mode="random" if a.gan else "noise", saturation=True))
-  c.stage3.gan = bool(a.gan)
+  c.stage3.gan.enabled = a.gan
   # Critic: LoRA r256 on every Linear of the score base (stems / patch_embedding frozen).
-  c.critic = ml_collections.ConfigDict(dict(
-      trainable=ml_collections.ConfigDict(dict(
-          lora_rank=256, lora_alpha=256.0, lora_init_std=0.0, linears="lora",
-          patch_embedding="frozen", memory_patches="frozen")),
-      optim=ml_collections.ConfigDict(dict(
-          lr=4e-7, warmup_steps=0, b1=0.0, b2=0.999, eps=1e-8, weight_decay=1e-3,
-          grad_clip=10.0))))
+  c.critic = settings.to_configdict(stage3.CriticConfig())
+  c.critic.trainable.update(dict(rank=256, alpha=256.0, linears="lora",
+                                 patch_embedding="frozen", memory_patches="frozen"))
+  c.critic.optim.update(dict(lr=4e-7, warmup_steps=0, b1=0.0, b2=0.999, weight_decay=1e-3,
+                             grad_clip=10.0))
   if a.tiny:
     common.apply_tiny(c, a.toy, a.steps)
     c.model.init_from = a.init
     c.score_model.update(dict(preset="tiny", param_dtype="float32", attention="xla",
                               init_from=a.score))
     c.trainable.patch_embedding = "frozen"
-    c.critic.trainable.update(dict(lora_rank=8, lora_alpha=8.0))
+    c.critic.trainable.update(dict(rank=8, alpha=8.0))
     c.optim.update(dict(lr=2e-4, weight_decay=1e-3))
     c.critic.optim.lr = 1e-3
-    c.stage3.update(dict(gen_update_ratio=2, beta_anneal_steps=10, gan_start_step=2))
-    c.stage3.heads.update(dict(width=32, groups=8))
+    c.stage3.update(dict(gen_update_ratio=2, beta_anneal_steps=10))
+    c.stage3.gan.update(dict(start_step=2, head_width=32, head_groups=8))
     c.ema.update_after_step = 2
   return c

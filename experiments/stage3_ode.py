@@ -15,8 +15,11 @@ Launch:
   python -m helios_jax.training.merge --workdir=/runs/stage3_ode --ema \
       --out=/ckpt/Helios-Distilled/transformer_ode
 
-CPU miniature (the ODE-pair dataset of a tiny teacher first):
-  python -m helios_jax.train --config=experiments/stage3_ode.py:tiny,data=/tmp/pairs \
+CPU miniature (alone: the random tiny base is the teacher; its ODE pairs are recorded into
+<workdir>/tiny_pairs before training, the teacher written to <workdir>/tiny_teacher):
+  python -m helios_jax.train --config=experiments/stage3_ode.py:tiny --workdir=/tmp/s3_ode
+or on given pairs / teacher (`python -m helios_jax.training.ode_pairs` first):
+  python -m helios_jax.train --config=experiments/stage3_ode.py:tiny,data=/tmp/pairs,init=MID \
       --workdir=/tmp/s3_ode
 """
 
@@ -54,4 +57,5 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-3
     c.trainable.patch_embedding = "frozen"
     c.ema.update_after_step = 2
+    c.stage3.record_tiny_pairs = not a.data
   return c

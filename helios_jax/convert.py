@@ -22,10 +22,10 @@ import shutil
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 
 from helios_jax import checkpoint
+from helios_jax import runtime
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
 COPIED = ("tokenizer", "scheduler")
@@ -73,6 +73,15 @@ def _dtype(component: str, dtype: str) -> Any:
   return jnp.dtype(name)
 
 
+def _folder_bytes(folder: str) -> int:
+  """Bytes of the weight files under `folder` (what a conversion writes at most)."""
+  total = 0
+  for root, _, files in os.walk(folder):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files
+                 if f.endswith((".safetensors", ".bin")))
+  return total
+
+
 def convert(src: str, dst: str, dtype: str = "auto", *, overwrite: bool = False,
             progress: bool = True) -> list[str]:
   """Converts a component or pipeline folder; returns the converted component names."""
@@ -81,6 +90,8 @@ def convert(src: str, dst: str, dtype: str = "auto", *, overwrite: bool = False,
     raise checkpoint.CheckpointError(f"--src folder not found: {src}")
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"--dst already exists: {dst} (pass --overwrite)")
+  # At most the source's size (a bf16 conversion of fp32 weights needs half).
+  runtime.check_writable(dst, _folder_bytes(src), folder=True)
   index = os.path.join(src, "model_index.json")
   if not os.path.isfile(index):
     component = detect_component(src)
@@ -121,7 +132,7 @@ def main(argv):
   del argv
   try:
     done = convert(FLAGS.src, FLAGS.dst, FLAGS.dtype, overwrite=FLAGS.overwrite)
-  except (checkpoint.CheckpointError, FileExistsError, ValueError) as e:
+  except (checkpoint.CheckpointError, FileExistsError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"converted {', '.join(done)} -> {FLAGS.dst}")
@@ -129,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run_cli(main)

@@ -27,6 +27,7 @@ import math
 from typing import Sequence
 
 from helios_jax import sampling
+from helios_jax import variants
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import memory
 from helios_jax.text import MAX_SEQUENCE_LENGTH
@@ -37,12 +38,6 @@ TEXT_LEN = MAX_SEQUENCE_LENGTH
 # §8 / issue "[H100 speed]"), in TFLOP/s: the two MFU denominators of the benchmark.
 H100_PEAK_TFLOPS = 989.0
 H100_MATMUL_TFLOPS = 800.0
-# Default steps and guidance per released model (sampling.md §7).
-MODEL_DEFAULTS = {
-    "base": {"steps": (50,), "guidance_scale": 5.0},
-    "mid": {"steps": (20, 20, 20), "guidance_scale": 5.0},
-    "distilled": {"steps": (2, 2, 2), "guidance_scale": 1.0},
-}
 
 
 def _positive(name: str, value: int) -> int:
@@ -304,41 +299,20 @@ def sampler_chunk_flops(config: HeliosTransformerConfig, sc: sampling.SamplerCon
                      batch=batch)
 
 
-def model_flags(model: str):
-  """`model_index.json` flags of a released model type ("base" | "mid" | "distilled")."""
-  from helios_jax import presets  # pylint: disable=g-import-not-at-top
-  from helios_jax import schedulers as hs  # pylint: disable=g-import-not-at-top
-  if model not in presets.MODELS:
-    raise ValueError(f"model={model!r} must be one of {presets.MODELS}")
-  d = {"_class_name": presets.PIPELINE_CLASS[model]}
-  if model != "base":
-    d.update(is_distilled=model == "distilled", is_cfg_zero_star=model == "mid")
-  return hs.PipelineFlags.from_dict(d, source=f"<{model} flags>")
-
-
-def model_scheduler(model: str):
-  """The scheduler config of a released model type (`presets.SCHEDULERS`)."""
-  from helios_jax import presets  # pylint: disable=g-import-not-at-top
-  from helios_jax import schedulers as hs  # pylint: disable=g-import-not-at-top
-  if model not in presets.MODELS:
-    raise ValueError(f"model={model!r} must be one of {presets.MODELS}")
-  return hs.SchedulerConfig.from_dict(presets.SCHEDULERS[model], source=f"<{model} scheduler>")
-
-
 def model_sampler_config(model: str, height: int = 384, width: int = 640, *,
                          steps: Sequence[int] | None = None,
                          guidance_scale: float | None = None,
                          amplify_first_chunk: bool | None = None,
                          patch_size: tuple[int, int, int] = (1, 2, 2),
                          vae_scale: int = 8) -> sampling.SamplerConfig:
-  """The sampler config of a released model type with its default schedule (sampling.md §7).
+  """The sampler config of a released variant with its default schedule (`variants.VARIANTS`).
 
   Args:
     model: "base" | "mid" | "distilled".
     height, width: pixels.
-    steps: override of the default steps ((50,), (20, 20, 20), (2, 2, 2)).
-    guidance_scale: override of the default (5.0; 1.0 for Distilled); CFG is on when > 1.
-    amplify_first_chunk: DMD first-chunk amplification (default: on for "distilled").
+    steps: override of the variant's default steps.
+    guidance_scale: override of the variant's default; CFG is on when > 1.
+    amplify_first_chunk: override of the variant's DMD first-chunk amplification default.
     patch_size: the DiT patch.
     vae_scale: pixels per latent (8).
 
@@ -346,18 +320,16 @@ def model_sampler_config(model: str, height: int = 384, width: int = 640, *,
     A `sampling.SamplerConfig` (the one `Pipeline.sampler_config` builds for that checkpoint).
   """
   from helios_jax import schedulers as hs  # pylint: disable=g-import-not-at-top
-  scheduler, flags = model_scheduler(model), model_flags(model)
-  for name, v in (("height", height), ("width", width)):
-    if _positive(name, v) % vae_scale:
-      raise ValueError(f"{name}={v} must be a multiple of vae_scale={vae_scale}")
-  d = MODEL_DEFAULTS[model]
-  w = d["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-  pyramid = model != "base"
+  v = variants.get_variant(model)
+  for name, value in (("height", height), ("width", width)):
+    if _positive(name, value) % vae_scale:
+      raise ValueError(f"{name}={value} must be a multiple of vae_scale={vae_scale}")
+  w = v.default_guidance_scale if guidance_scale is None else float(guidance_scale)
   return sampling.SamplerConfig(
-      scheduler=scheduler, pyramid=pyramid,
-      steps=tuple(int(s) for s in (d["steps"] if steps is None else steps)),
-      guidance=hs.guidance_mode(flags, w, pyramid), guidance_scale=w,
-      amplify_first_chunk=(scheduler.solver == "dmd") if amplify_first_chunk is None
+      scheduler=v.scheduler_config, pyramid=v.pyramid,
+      steps=tuple(int(s) for s in (v.default_steps if steps is None else steps)),
+      guidance=hs.guidance_mode(v.flags, w, v.pyramid), guidance_scale=w,
+      amplify_first_chunk=v.amplify_first_chunk if amplify_first_chunk is None
       else bool(amplify_first_chunk),
       latent_height=height // vae_scale, latent_width=width // vae_scale,
       patch_size=tuple(patch_size))
@@ -367,7 +339,7 @@ def model_chunk_flops(config: HeliosTransformerConfig, model: str, height: int =
                       width: int = 640, *, first_chunk: bool = False,
                       steps: Sequence[int] | None = None, text_len: int = TEXT_LEN,
                       **kwargs) -> ChunkFlops:
-  """Per-chunk DiT FLOPs of a released model type (Base / Mid / Distilled defaults).
+  """Per-chunk DiT FLOPs of a released variant (Base / Mid / Distilled defaults).
 
   Args:
     config: the DiT config.

@@ -12,12 +12,12 @@ the whole pyramid sampler of a chunk + the history update) and one per decode. E
 can be injected (`noise=`) in the reference's order (sampling.md §9) to replay its draws.
 
 Underneath, `Pipeline.generate_fn(...)` returns a single jitted pure function
-`generate_fn(params, inputs, rng)` that runs all chunks with `jax.lax.scan` (for notebooks).
+`generate_fn(params, inputs, rng)` that runs the same per-chunk programs (`chunk_noise` draws,
+`chunk_step`, `decode_step`) over all chunks with `jax.lax.scan` (for notebooks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -32,6 +32,8 @@ from flax import nnx
 
 from helios_jax import schedulers as hs
 from helios_jax import sampling
+from helios_jax import sharding
+from helios_jax import variants
 from helios_jax.checkpoint import CheckpointError
 from helios_jax.config import ConfigError
 from helios_jax.constants import CHUNK_FRAMES
@@ -50,18 +52,34 @@ COND_SIGMA_RANGE = (0.111, 0.135)
 # Jitted building blocks (pure functions; graphdefs and sampler configs are static).
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("constrain",))
 def chunk_step(graphdef: nnx.GraphDef, sc: sampling.SamplerConfig, first_chunk: bool,
                params: nnx.State, text: jax.Array, neg_text: jax.Array | None,
                state: sampling.HistoryState, noise: sampling.ChunkNoise,
-               set_anchor: jax.Array):
+               set_anchor: jax.Array, *, constrain: sharding.TokenConstraint | None = None):
   """One chunk: denoise with the history, then shift it into the history.
+
+  `constrain` (static) is the DiT's token constraint on a device mesh (`Pipeline.shard`).
 
   Returns:
     (new state, chunk latents `[B, 9, h, w, C]` fp32, all-finite flag).
   """
-  out = sampling.sample_chunk(graphdef, params, sc, first_chunk, text, neg_text, state, noise)
+  out = sampling.sample_chunk(graphdef, params, sc, first_chunk, text, neg_text, state, noise,
+                              constrain=constrain)
   return sampling.advance(state, out, set_anchor), out.astype(jnp.float32), jnp.isfinite(out).all()
+
+
+def chunk_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(conditioning key, chunk key) of a video's key: the one derivation behind `stream`,
+  `generate` and `generate_fn` (chunk k draws from `chunk_noise(chunk key, k, ...)`)."""
+  cond_key, chunk_key = jax.random.split(rng)
+  return cond_key, chunk_key
+
+
+def chunk_noise(chunk_key: jax.Array, k: jax.Array | int, sc: sampling.SamplerConfig,
+                batch: int, channels: int) -> sampling.ChunkNoise:
+  """Chunk k's draws (`k` may be traced): `draw_chunk_noise` of `fold_in(chunk_key, k)`."""
+  return sampling.draw_chunk_noise(jax.random.fold_in(chunk_key, k), sc, batch, channels)
 
 
 def _denormalize_cl(z: jax.Array, mean: jax.Array, inv_std: jax.Array) -> jax.Array:
@@ -136,6 +154,50 @@ def interactive_schedule(num_chunks: int, num_prompts: int, interpolate_time: in
   return k, plan
 
 
+def describe_plan(k_total: int, num_frames: int, batch: int, height: int, width: int,
+               plan: list[tuple[int, int, float]] | None) -> list[str]:
+  """What will be generated and why, as lines for a CLI to print before the work starts.
+
+  Args:
+    k_total: chunks that will be generated.
+    num_frames: frames the user asked for.
+    batch: videos.
+    height, width: pixels.
+    plan: the interactive schedule (`interactive_schedule`), or None.
+  """
+  kept = sampling.output_frames(k_total)
+  why = (f"{num_frames} requested frames -> {k_total} chunk(s) of {CHUNK_FRAMES}"
+         if plan is None else f"interactive schedule -> {k_total} chunk(s) of {CHUNK_FRAMES}")
+  lines = [f"generating {batch} video(s) of {kept} frames at {height}x{width}: {why}, "
+           f"trimmed to {kept} = 1 + 4k frames (the VAE's causal frame grid)"]
+  if plan is not None:
+    runs, start = [], 0
+    for c in range(1, k_total + 1):
+      if c == k_total or plan[c] != plan[start]:
+        runs.append((start, c - 1, plan[start]))
+        start = c
+    merged, i = [], 0
+    while i < len(runs):  # consecutive blend steps of one prompt pair print as one line
+      s0, e0, (a, b, w) = runs[i]
+      if a != b:
+        ws = [w]
+        while i + 1 < len(runs) and runs[i + 1][2][:2] == (a, b):
+          i += 1
+          e0 = runs[i][1]
+          ws.append(runs[i][2][2])
+        merged.append(f"  chunks {s0}-{e0}: blend prompt {a} -> {b} "
+                      f"(weights {', '.join(f'{x:g}' for x in ws)})")
+      else:
+        tail = " (past the last prompt: back to prompt 0, as upstream)" if (
+            a == 0 and s0 > 0) else ""
+        merged.append(f"  chunks {s0}-{e0}: prompt {a}{tail}")
+      i += 1
+    lines += merged
+  if num_frames > kept and plan is None:
+    lines.append(f"  note: {num_frames} frames cannot be kept exactly; {kept} are written")
+  return lines
+
+
 def lerp_embeddings(start: jax.Array, end: jax.Array, w: float) -> jax.Array:
   """torch.lerp in bf16 semantics: fp32 opmath, two formulas around w = 0.5, one rounding."""
   a, b = start.astype(jnp.float32), end.astype(jnp.float32)
@@ -202,6 +264,77 @@ class Conditioning:
 # The pipeline.
 
 
+def make_sampler_config(scheduler: Any, flags: Any, patch_size: Sequence[int],
+                        height: int = 384, width: int = 640, *,
+                        steps: int | Sequence[int] | None = None,
+                        guidance_scale: float | None = None, use_zero_init: bool = True,
+                        zero_steps: int = 1, amplify_first_chunk: bool | None = None,
+                        block_noise_chol: Any = None) -> sampling.SamplerConfig:
+  """The static sampler settings of a checkpoint for a resolution and the sampling knobs.
+
+  Needs only the checkpoint's small config files (`read_pipeline_settings`), so a CLI can
+  validate its arguments before loading any weights.
+
+  Args:
+    scheduler: the checkpoint's scheduler config.
+    flags: its `model_index.json` flags.
+    patch_size: the DiT patch (t, h, w).
+    height, width: pixels, positive multiples of 16 (of 64 for the 3-stage pyramid).
+    steps: Base steps or steps per pyramid stage (default: `variants.checkpoint_defaults`).
+    guidance_scale: CFG scale (default 5.0; distilled 1.0).
+    use_zero_init, zero_steps: CFG-Zero* zero-init (Mid).
+    amplify_first_chunk: DMD doubles chunk 0's steps (default on for DMD checkpoints).
+    block_noise_chol: 4x4 block-noise factor (e.g. dumped from a CUDA reference run).
+
+  Raises:
+    ValueError: naming the bad value.
+  """
+  for name, v in (("height", height), ("width", width)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % 16:
+      raise ValueError(f"{name}={v!r} must be a positive multiple of 16")
+  defaults = variants.checkpoint_defaults(flags, scheduler)
+  steps = defaults.steps if steps is None else (
+      (int(steps),) if np.isscalar(steps) else tuple(int(s) for s in steps))
+  w = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+  if w > 1.0 and defaults.distilled:
+    warnings.warn(f"guidance_scale={w} on a distilled checkpoint: CFG will be applied (as "
+                  "in the reference), doubling the cost; distilled models use "
+                  f"{defaults.guidance_scale}",
+                  stacklevel=3)
+  if amplify_first_chunk is None:
+    amplify_first_chunk = defaults.amplify_first_chunk
+  chol = None if block_noise_chol is None else tuple(
+      tuple(float(v) for v in row) for row in np.asarray(block_noise_chol))
+  return sampling.SamplerConfig(
+      scheduler=scheduler, pyramid=defaults.pyramid, steps=steps,
+      guidance=hs.guidance_mode(flags, w, defaults.pyramid), guidance_scale=w,
+      use_zero_init=use_zero_init, zero_steps=zero_steps,
+      amplify_first_chunk=bool(amplify_first_chunk), latent_height=height // 8,
+      latent_width=width // 8, patch_size=tuple(patch_size), block_noise_chol=chol)
+
+
+def read_pipeline_settings(path: str | os.PathLike) -> tuple[Any, Any, Any]:
+  """(scheduler config, model_index flags, transformer config) of a pipeline folder.
+
+  Reads only the JSON files (milliseconds, no weights).
+
+  Raises:
+    CheckpointError / ConfigError: a missing folder or file, or an invalid config.
+  """
+  from helios_jax.config import HeliosTransformerConfig  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"model folder not found: {path}")
+  for sub in ("transformer", "vae", "scheduler"):
+    if not os.path.isdir(os.path.join(path, sub)):
+      raise CheckpointError(f"{path}: missing the '{sub}/' folder of a Helios pipeline")
+  scheduler = hs.load_scheduler_config(path)
+  flags = (hs.load_pipeline_flags(path) if os.path.isfile(os.path.join(path, "model_index.json"))
+           else hs.PipelineFlags())
+  transformer = HeliosTransformerConfig.from_json(os.path.join(path, "transformer"))
+  return scheduler, flags, transformer
+
+
 class Pipeline:
   """A loaded Helios checkpoint (transformer, VAE, text encoder, tokenizer, scheduler).
 
@@ -226,6 +359,7 @@ class Pipeline:
     self.tokenizer = tokenizer
     self.release_text_encoder = release_text_encoder
     self.mesh = None
+    self.token_constraint = None
     if vae.config.z_dim != transformer.config.in_channels:
       raise ConfigError(f"VAE z_dim={vae.config.z_dim} != transformer in_channels="
                         f"{transformer.config.in_channels}")
@@ -252,14 +386,7 @@ class Pipeline:
     from helios_jax.models.vae import load_vae  # pylint: disable=g-import-not-at-top
     from helios_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     path = os.fspath(path)
-    if not os.path.isdir(path):
-      raise CheckpointError(f"model folder not found: {path}")
-    for sub in ("transformer", "vae", "scheduler"):
-      if not os.path.isdir(os.path.join(path, sub)):
-        raise CheckpointError(f"{path}: missing the '{sub}/' folder of a Helios pipeline")
-    scheduler = hs.load_scheduler_config(path)
-    flags = (hs.load_pipeline_flags(path) if os.path.isfile(os.path.join(path, "model_index.json"))
-             else hs.PipelineFlags())
+    scheduler, flags, _ = read_pipeline_settings(path)
     transformer = load_transformer(os.path.join(path, "transformer"), dtype, kernels=kernels)
     vae = load_vae(os.path.join(path, "vae"), jnp.float32)
     text_encoder = tokenizer = None
@@ -275,19 +402,17 @@ class Pipeline:
                release_text_encoder=release_text_encoder)
 
   def shard(self, mesh: jax.sharding.Mesh) -> "Pipeline":
-    """Runs the DiT over the devices of `mesh` (see `helios_jax.parallel.make_mesh`).
+    """Runs the DiT over the devices of an inference `mesh` (`sharding.make_mesh`).
 
     The transformer parameters are split over the "tensor" axis (heads / FFN units), tokens
-    over "context" and the (CFG-doubled) batch over "data"; the VAE and text encoder stay on
-    one device. Results equal the single-device pipeline up to reduction order.
+    over "context" and the (CFG-doubled) batch over "data" (the token constraint the chunk
+    step passes to the DiT); the VAE and text encoder stay on one device. Results equal the
+    single-device pipeline up to reduction order.
     """
-    from helios_jax import parallel  # pylint: disable=g-import-not-at-top
-    parallel.shard_transformer(self.transformer, mesh)
+    sharding.shard_transformer(self.transformer, mesh)
     self.mesh = mesh
+    self.token_constraint = sharding.token_constraint(mesh)
     return self
-
-  def _mesh_context(self):
-    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _on_mesh(self, tree):
     """Inputs of the sharded DiT: replicated over the mesh (identity without a mesh)."""
@@ -305,46 +430,24 @@ class Pipeline:
 
   @property
   def is_pyramid(self) -> bool:
-    return self.flags.pipeline_class != "HeliosPipeline" and self.scheduler.stages > 1
+    return variants.is_pyramid(self.flags, self.scheduler)
 
   @property
   def default_steps(self) -> tuple[int, ...]:
-    if not self.is_pyramid:
-      return (50,)
-    return (2,) * self.scheduler.stages if self.scheduler.solver == "dmd" else (
-        20,) * self.scheduler.stages
+    """The checkpoint's default steps (`variants.checkpoint_defaults`)."""
+    return variants.checkpoint_defaults(self.flags, self.scheduler).steps
 
   @property
   def default_guidance_scale(self) -> float:
-    return 1.0 if (self.flags.is_distilled or self.scheduler.solver == "dmd") else 5.0
+    """The checkpoint's default CFG scale (`variants.checkpoint_defaults`)."""
+    return variants.checkpoint_defaults(self.flags, self.scheduler).guidance_scale
 
-  def sampler_config(self, height: int = 384, width: int = 640, *,
-                     steps: int | Sequence[int] | None = None,
-                     guidance_scale: float | None = None, use_zero_init: bool = True,
-                     zero_steps: int = 1, amplify_first_chunk: bool | None = None,
-                     block_noise_chol: Any = None) -> sampling.SamplerConfig:
-    """The static sampler settings for a resolution (pixels) and the sampling knobs."""
-    for name, v in (("height", height), ("width", width)):
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % 16:
-        raise ValueError(f"{name}={v!r} must be a positive multiple of 16")
-    steps = self.default_steps if steps is None else (
-        (int(steps),) if np.isscalar(steps) else tuple(int(s) for s in steps))
-    w = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-    if w > 1.0 and (self.flags.is_distilled or self.scheduler.solver == "dmd"):
-      warnings.warn(f"guidance_scale={w} on a distilled checkpoint: CFG will be applied (as "
-                    "in the reference), doubling the cost; distilled models use 1.0",
-                    stacklevel=3)
-    if amplify_first_chunk is None:
-      amplify_first_chunk = self.scheduler.solver == "dmd"
-    chol = None if block_noise_chol is None else tuple(
-        tuple(float(v) for v in row) for row in np.asarray(block_noise_chol))
-    return sampling.SamplerConfig(
-        scheduler=self.scheduler, pyramid=self.is_pyramid, steps=steps,
-        guidance=hs.guidance_mode(self.flags, w, self.is_pyramid), guidance_scale=w,
-        use_zero_init=use_zero_init, zero_steps=zero_steps,
-        amplify_first_chunk=bool(amplify_first_chunk), latent_height=height // 8,
-        latent_width=width // 8, patch_size=self.transformer.config.patch_size,
-        block_noise_chol=chol)
+  def sampler_config(self, height: int = 384, width: int = 640, **kwargs
+                     ) -> sampling.SamplerConfig:
+    """The static sampler settings for a resolution (pixels) and the sampling knobs
+    (`make_sampler_config` with this checkpoint's scheduler, flags and patch)."""
+    return make_sampler_config(self.scheduler, self.flags, self.transformer.config.patch_size,
+                               height, width, **kwargs)
 
   # ---------------------------------------------------------------------------- text
 
@@ -549,16 +652,16 @@ class Pipeline:
                                            interpolation_steps)
     if rng is None:
       rng = jax.random.key(0 if seed is None else int(seed))
-    cond_key, chunk_key = jax.random.split(rng)
+    cond_key, chunk_key = chunk_keys(rng)
     noise = dict(noise or {})
     if conditioning is None:
       conditioning = self.prepare_conditioning(batch, height, width, image, video, cond_key,
                                                noise)
     yield conditioning
     state = conditioning.state
-    chunk_noise = noise.get("chunks")
-    if chunk_noise is not None and len(chunk_noise) < k_total:
-      raise ValueError(f"noise['chunks'] has {len(chunk_noise)} entries for {k_total} chunks")
+    injected = noise.get("chunks")
+    if injected is not None and len(injected) < k_total:
+      raise ValueError(f"noise['chunks'] has {len(injected)} entries for {k_total} chunks")
     c = self.transformer.config.in_channels
     bar = None
     if progress:
@@ -566,18 +669,18 @@ class Pipeline:
       bar = tqdm(total=k_total, desc="chunks", unit="chunk")
     try:
       for k in range(k_total):
-        if chunk_noise is not None:
-          cn = _chunk_noise(chunk_noise[k], sc, batch, c)
+        if injected is not None:
+          cn = _injected_noise(injected[k], sc, batch, c)
         else:
-          cn = sampling.draw_chunk_noise(jax.random.fold_in(chunk_key, k), sc, batch, c)
+          cn = chunk_noise(chunk_key, k, sc, batch, c)
         t_k = text if plan is None else lerp_embeddings(text[plan[k][0]], text[plan[k][1]],
                                                          plan[k][2])[None]
         set_anchor = sampling.set_anchor_flag(k, conditioning.anchor_given, is_skip_first_chunk)
         t0 = time.perf_counter()
-        with self._mesh_context():
-          state, latents, finite = chunk_step(
-              self.transformer.graphdef, sc, k == 0, self.transformer.params,
-              *self._on_mesh((t_k, neg, state, cn, jnp.asarray(set_anchor))))
+        state, latents, finite = chunk_step(
+            self.transformer.graphdef, sc, k == 0, self.transformer.params,
+            *self._on_mesh((t_k, neg, state, cn, jnp.asarray(set_anchor))),
+            constrain=self.token_constraint)
         latents = self._on_vae_device(latents)
         if not bool(finite):
           raise FloatingPointError(f"chunk {k}: the sampler produced NaN/Inf latents")
@@ -635,7 +738,8 @@ class Pipeline:
     "frames": [B, T, H, W, 3] uint8}` (T = `sampling.output_frames(K)`); `params` is
     `pipe.params`, `inputs` holds the text embeddings and the chunk-0 history (T2V, or I2V/V2V
     conditioning encoded with `rng`). Chunk 0 runs on its own (DMD amplification), the other
-    chunks in one `jax.lax.scan`, each followed by its VAE decode. With the same `rng`, the
+    chunks in one `jax.lax.scan`: each chunk is `stream`'s `chunk_step` followed by its
+    `decode_step`, with the draws of `chunk_noise`. With the same `rng`, the
     result equals `generate(..., rng=rng)` / `generate(..., seed=s)` with rng = key(s).
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or \
@@ -644,7 +748,7 @@ class Pipeline:
     sc = self.sampler_config(height, width, **sampler_kwargs)
     text, neg, batch = self._texts(prompt, negative_prompt, prompt_embeds,
                                    negative_prompt_embeds, sc, False)
-    cond_key = jax.random.split(jax.random.key(0) if rng is None else rng)[0]
+    cond_key = chunk_keys(jax.random.key(0) if rng is None else rng)[0]
     cond = self.prepare_conditioning(batch, height, width, image, video, cond_key)
     k_total = sampling.num_chunks(num_frames)
     flags = tuple(sampling.set_anchor_flag(k, cond.anchor_given, is_skip_first_chunk)
@@ -658,19 +762,19 @@ class Pipeline:
 
 
 def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, params, inputs, rng):
-  """All chunks of a video: sampler + history update + decode, as one traced program."""
-  chunk_key = jax.random.split(rng)[1]  # the same derivation as `Pipeline._run`
+  """All chunks of a video as one traced program: the chunk loop of `Pipeline._run` (the same
+  key derivation and draws, `chunk_step`, `decode_step`), chunks 1..K-1 in one `lax.scan`."""
+  chunk_key = chunk_keys(rng)[1]
   text, neg = inputs["text"], inputs["neg_text"]
   batch = inputs["state"].latents.shape[0]
 
   def one(state, k, first, set_anchor):
-    noise = sampling.draw_chunk_noise(jax.random.fold_in(chunk_key, k), sc, batch, channels)
-    out = sampling.sample_chunk(tr_graphdef, params["transformer"], sc, first, text, neg, state,
-                                noise)
-    state = sampling.advance(state, out, set_anchor)
-    frames = decode_step(vae_graphdef, params["vae"], out.astype(jnp.float32),
-                         inputs["latents_mean"], inputs["latents_inv_std"], "uint8")
-    return state, (out.astype(jnp.float32), frames)
+    noise = chunk_noise(chunk_key, k, sc, batch, channels)
+    state, latents, _ = chunk_step(tr_graphdef, sc, first, params["transformer"], text, neg,
+                                   state, noise, set_anchor)
+    frames = decode_step(vae_graphdef, params["vae"], latents, inputs["latents_mean"],
+                         inputs["latents_inv_std"], "uint8")
+    return state, (latents, frames)
 
   state, (lat0, fr0) = one(inputs["state"], 0, True, flags[0])
   lats, frames = [lat0[None]], [fr0[None]]
@@ -696,7 +800,7 @@ def _to_cf(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def _chunk_noise(entry: Any, sc: sampling.SamplerConfig, batch: int,
+def _injected_noise(entry: Any, sc: sampling.SamplerConfig, batch: int,
                  channels: int) -> sampling.ChunkNoise:
   """Injected chunk noise: a `ChunkNoise`, or reference tensors (torch layout)."""
   if isinstance(entry, sampling.ChunkNoise):

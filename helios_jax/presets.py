@@ -3,14 +3,15 @@
 `write_tiny_pipeline(dst, model="distilled")` writes a complete pipeline folder in our export
 layout (the same one `python -m helios_jax.convert` produces for the released checkpoints):
 
-  dst/model_index.json               pipeline class and flags (is_distilled, is_cfg_zero_star)
-  dst/scheduler/scheduler_config.json
+  dst/model_index.json                     the variant's pipeline class and flags (variants.py)
+  dst/scheduler/scheduler_config.json      the variant's scheduler config
   dst/transformer/{config.json, params/}   tiny DiT (every structural flag of the 14B model)
   dst/vae/{config.json, params/}           tiny Wan VAE (z_dim 16, 8x spatial, 4x temporal)
   dst/text_encoder/{config.json, params/}  tiny umT5
-  dst/tokenizer/                            a unigram tokenizer trained on a built-in corpus
+  dst/tokenizer/                           a unigram tokenizer trained on a built-in corpus
 
-so `Pipeline.from_pretrained(dst)` exercises exactly the loading path of a real checkpoint.
+The three models are the "tiny" presets (`variants.SIZES["tiny"]`), so
+`Pipeline.from_pretrained(dst)` exercises exactly the loading path of a real checkpoint.
 """
 
 from __future__ import annotations
@@ -21,21 +22,7 @@ import os
 import jax.numpy as jnp
 
 from helios_jax import checkpoint
-from helios_jax.config import HeliosTransformerConfig
-
-MODELS = ("base", "mid", "distilled")
-
-# Scheduler configs as the released checkpoints are understood (sampling.md §4, §12).
-SCHEDULERS = {
-    "base": {"_class_name": "HeliosScheduler", "stages": 1, "scheduler_type": "unipc",
-             "use_dynamic_shifting": True, "time_shift_type": "exponential"},
-    "mid": {"_class_name": "HeliosScheduler", "stages": 3, "scheduler_type": "unipc",
-            "use_dynamic_shifting": True, "time_shift_type": "linear"},
-    "distilled": {"_class_name": "HeliosDMDScheduler", "stages": 3,
-                  "use_dynamic_shifting": True, "time_shift_type": "linear"},
-}
-PIPELINE_CLASS = {"base": "HeliosPipeline", "mid": "HeliosPyramidPipeline",
-                  "distilled": "HeliosPyramidPipeline"}
+from helios_jax import variants
 
 TOKENIZER_CORPUS = (
     "A cat walks on the grass in the morning sun.",
@@ -66,24 +53,27 @@ def tiny_tokenizer():
 
 
 def tiny_configs():
-  """(transformer, vae, text encoder) configs of the tiny pipeline."""
-  from helios_jax.models.text_encoder import UMT5Config  # pylint: disable=g-import-not-at-top
-  from helios_jax.models.vae import WanVAEConfig  # pylint: disable=g-import-not-at-top
-  text = UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                    relative_attention_num_buckets=8, relative_attention_max_distance=32)
-  dit = HeliosTransformerConfig.from_preset("tiny").replace(text_dim=text.d_model)
-  vae = WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
-  return dit, vae, text
+  """(transformer, vae, text encoder) configs of the tiny pipeline: the "tiny" presets."""
+  return variants.get_size("tiny").configs()
 
 
-def write_tiny_pipeline(dst: str | os.PathLike, model: str = "distilled", seed: int = 0, *,
-                        overwrite: bool = False) -> str:
-  """Writes a random tiny Helios pipeline folder (see module docstring); returns its path."""
+def write_tiny_pipeline(dst: str | os.PathLike, model: str = variants.DEFAULT_VARIANT,
+                        seed: int = 0, *, overwrite: bool = False) -> str:
+  """Writes a random tiny Helios pipeline folder of variant `model` (see module docstring).
+
+  Args:
+    dst: the folder to create.
+    model: "base" | "mid" | "distilled" (`variants.VARIANTS`).
+    seed: parameter init seed.
+    overwrite: replace an existing `dst`.
+
+  Returns:
+    The folder's path.
+  """
   from helios_jax.models.text_encoder import TEXT_ENCODER_SPEC  # pylint: disable=g-import-not-at-top
   from helios_jax.models.transformer import TRANSFORMER_SPEC  # pylint: disable=g-import-not-at-top
   from helios_jax.models.vae import VAE_SPEC  # pylint: disable=g-import-not-at-top
-  if model not in MODELS:
-    raise ValueError(f"model={model!r} must be one of {MODELS}")
+  variant = variants.get_variant(model)
   dst = os.fspath(dst)
   dit_cfg, vae_cfg, text_cfg = tiny_configs()
   with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
@@ -97,15 +87,7 @@ def write_tiny_pipeline(dst: str | os.PathLike, model: str = "distilled", seed: 
     tiny_tokenizer().save_pretrained(os.path.join(tmp, "tokenizer"))
     os.makedirs(os.path.join(tmp, "scheduler"))
     with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-      json.dump(SCHEDULERS[model], f, indent=2)
-    index = {"_class_name": PIPELINE_CLASS[model],
-             "transformer": ["diffusers", "HeliosTransformer3DModel"],
-             "vae": ["diffusers", "AutoencoderKLWan"],
-             "text_encoder": ["transformers", "UMT5EncoderModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-             "scheduler": ["diffusers", SCHEDULERS[model]["_class_name"]]}
-    if model != "base":
-      index.update(is_distilled=model == "distilled", is_cfg_zero_star=model == "mid")
+      json.dump(dict(variant.scheduler), f, indent=2)
     with open(os.path.join(tmp, "model_index.json"), "w") as f:
-      json.dump(index, f, indent=2)
+      json.dump(variant.model_index(), f, indent=2)
   return dst

@@ -1,8 +1,10 @@
-"""Process-level JAX settings shared by the command-line tools."""
+"""Process-level settings shared by the command-line tools: quiet logs, compilation cache."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 
 import jax
 
@@ -24,3 +26,63 @@ def enable_compilation_cache(path: str | None = None) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+class OutputPathError(OSError):
+  """An output path that cannot be written (checked before the work starts)."""
+
+
+def check_writable(path: str | os.PathLike, need_bytes: int = 0, *,
+                   folder: bool = False) -> str:
+  """Fails early, before any work, when `path` cannot be written; returns the absolute path.
+
+  Checks that the nearest existing parent folder is a writable folder and, when `need_bytes`
+  is given, that its filesystem has that much free space. `folder=True`: `path` is an output
+  folder (written beside it, then renamed; an existing folder is the caller's business).
+
+  Raises:
+    OutputPathError: naming the folder and the reason.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(path) and not folder:
+    raise OutputPathError(f"{path} is a folder, not a file path")
+  folder = os.path.dirname(path)
+  probe = folder
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise OutputPathError(f"cannot write {path}: {probe} is not a folder")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise OutputPathError(f"cannot write {path}: folder {probe} is not writable")
+  if need_bytes:
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+      raise OutputPathError(f"cannot write {path}: {free / 1e6:.1f} MB free in {probe}, about "
+                            f"{need_bytes / 1e6:.1f} MB needed")
+  return path
+
+
+def _parse_quietly(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with WARNING as the default log level instead of app.run's INFO."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  args = app.parse_flags_with_usage(argv)
+  if flags.FLAGS["verbosity"].using_default_value:
+    flags.FLAGS.verbosity = -1  # an explicit value: app.run then leaves it alone
+  return args
+
+
+def run_cli(main) -> None:
+  """`absl.app.run(main)` with quiet logs by default (every helios_jax CLI starts this way).
+
+  Orbax / JAX INFO lines (one per checkpoint step, or every parameter key) only show with
+  `--verbosity=0` (1 for debug); transformers' advisory warnings ("PyTorch was not found" in a
+  tokenizer-only install) and the `os.fork()` RuntimeWarning JAX emits when a subprocess
+  (ffmpeg, tokenizer workers) starts are silenced.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                          category=RuntimeWarning)
+  app.run(main, flags_parser=_parse_quietly)

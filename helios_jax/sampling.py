@@ -12,13 +12,17 @@ once:
 UniPC; Distilled: 3-stage pyramid + DMD) and `advance` shifts the chunk into the history. Both
 are pure functions of arrays; every random draw is an argument (`ChunkNoise`) so tests can
 replay the PyTorch reference's draws. Latents are channels-last `[B, T, h, w, C]` throughout.
+
+`run_stages` is the one stage loop (pyramid start, per-stage solver steps, block-noise
+transitions) behind `sample_chunk`, the Stage 3 ODE-pair recording (`record`: the states
+before chosen steps) and the Stage 3 DMD rollout (`exits`: one random exit step per stage).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -30,6 +34,7 @@ from helios_jax import schedulers as hs
 from helios_jax.constants import CHUNK_FRAMES, CHUNK_LATENT_FRAMES, HISTORY_SIZES
 from helios_jax.constants import NUM_HISTORY_FRAMES, VAE_TEMPORAL_SCALE
 from helios_jax.models.memory import HistoryInputs
+from helios_jax.schedulers.steps import Denoise
 
 F32 = jnp.float32
 
@@ -110,10 +115,6 @@ class SamplerConfig:
 
   def amplified(self, first_chunk: bool) -> bool:
     return bool(first_chunk and self.amplify_first_chunk and self.is_dmd)
-
-  def num_model_calls(self, first_chunk: bool) -> int:
-    n = sum(self.steps) * (2 if self.amplified(first_chunk) else 1)
-    return n * (2 if self.guidance != "none" else 1)
 
   def stage_sizes(self) -> list[tuple[int, int]]:
     """Noisy latent (h, w) of every stage (coarse to fine)."""
@@ -213,7 +214,8 @@ def history_inputs(state: HistoryState, batch_repeat: int = 1) -> HistoryInputs:
 
 
 def denoiser(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig, text: jax.Array,
-             neg_text: jax.Array | None, state: HistoryState, zero_mask: Any = None):
+             neg_text: jax.Array | None, state: HistoryState, zero_mask: Any = None,
+             constrain: Callable[[jax.Array], jax.Array] | None = None):
   """`denoise(x, step) -> v`: the (guided) velocity of one sampler step.
 
   Args:
@@ -224,6 +226,8 @@ def denoiser(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig, text:
     neg_text: `[B, L, text_dim]` negative embeddings (required when guidance is on).
     state: the history read by the chunk.
     zero_mask: CFG-Zero* per-step zero-init mask (None: no zero-init).
+    constrain: the DiT's hidden-state constraint at each block entry (a device mesh's token
+      sharding, `sharding.token_constraint`; None: none).
 
   Returns:
     The denoiser closure (the history and text are prepared once).
@@ -249,7 +253,7 @@ def denoiser(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig, text:
     if cfg_on:
       xb = jnp.concatenate([xb, xb], axis=0)
     model = nnx.merge(graphdef, params)
-    v = model.forward_channels_last(xb, t, txt, noisy_idx, hist)
+    v = model.forward_channels_last(xb, t, txt, noisy_idx, hist, constrain=constrain)
     if not cfg_on:
       return v
     vc, vu = v[:b], v[b:]
@@ -263,7 +267,8 @@ def denoiser(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig, text:
 def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
                  first_chunk: bool, text: jax.Array,
                  neg_text: jax.Array | None, state: HistoryState, noise: ChunkNoise,
-                 chol: jax.Array | None = None) -> jax.Array:
+                 chol: jax.Array | None = None,
+                 constrain: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Denoises one chunk (pure; call inside jit with `sc` and `first_chunk` static).
 
   Args:
@@ -275,6 +280,7 @@ def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
     state: the history read by this chunk.
     noise: this chunk's draws.
     chol: optional `[4, 4]` block-noise factor overriding `sc.block_noise_chol`.
+    constrain: the DiT's hidden-state constraint at each block entry (see `denoiser`).
 
   Returns:
     `[B, 9, h, w, C]` chunk latents: fp32 (UniPC/Euler) or the model dtype (DMD), exactly the
@@ -283,26 +289,99 @@ def sample_chunk(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
   dt = nnx.merge(graphdef, params).dtype
   if chol is None and sc.block_noise_chol is not None:
     chol = jnp.asarray(sc.block_noise_chol, F32)
-  make_denoise = functools.partial(denoiser, graphdef, params, sc, text, neg_text, state)
+  make_denoise = functools.partial(denoiser, graphdef, params, sc, text, neg_text, state,
+                                   constrain=constrain)
 
   stages = _tables(sc, sc.amplified(first_chunk))
-  if not sc.pyramid:
-    _, table, zero = stages[0]
-    run = hs.run_unipc if sc.scheduler.solver == "unipc" else hs.run_euler
-    return run(noise.eps, table, make_denoise(zero))
+  constants = hs.pyramid.constants_for(sc.scheduler) if sc.pyramid else None
+  return run_stages(noise.eps, [table for _, table, _ in stages],
+                    [make_denoise(zero) for _, _, zero in stages], sc.scheduler.solver,
+                    block=noise.block, constants=constants, chol=chol,
+                    noise_dtype=dt).output
 
-  x = hs.noise_pyramid_start(noise.eps, sc.num_stages)
-  for k, (_, table, zero) in enumerate(stages):
+
+@flax.struct.dataclass
+class Trajectory:
+  """What `run_stages` returns (one entry per stage, lowest resolution first).
+
+  ends: `[B, 9, h_k, w_k, C]` stage outputs; `ends[-1]` is the chunk (`output`).
+  states: with `record`, `[B, m_k, 9, h_k, w_k, C]` inputs of the recorded steps; else ().
+  """
+
+  ends: tuple[jax.Array, ...]
+  states: tuple[jax.Array, ...] = ()
+
+  @property
+  def output(self) -> jax.Array:
+    return self.ends[-1]
+
+
+def run_stages(eps: jax.Array, tables: Sequence[Any], denoise: Sequence[Denoise],
+               solver: str, *, block: Sequence[jax.Array] = (),
+               constants: hs.PyramidConstants | None = None, chol: jax.Array | None = None,
+               noise_dtype: Any = F32, record: Sequence[np.ndarray] | None = None,
+               exits: Sequence[jax.Array] | None = None,
+               denoise_nograd: Sequence[Denoise] | None = None) -> Trajectory:
+  """The stage loop of every sampler: generation, Stage 3 ODE pairs and the DMD rollout.
+
+  Stage 0 starts from the noise downsampled S - 1 times (S = len(tables); the noise itself
+  for the single-resolution Base sampler); stage k >= 1 starts from `stage_transition` of stage
+  k - 1's output with the block draw `block[k - 1]`; every stage runs the steps of its table
+  with `solver` (pure; call inside jit).
+
+  Args:
+    eps: `[B, 9, H, W, C]` full-resolution noise (cast to fp32).
+    tables: one step table per stage, coarse to fine (`unipc_table` / `euler_table` /
+      `dmd_table`; with `exits` the `[N, B, ...]` per-sample tables of `run_dmd`).
+    denoise: one `denoise(x, step) -> v` per stage.
+    solver: 'unipc' | 'euler' | 'dmd'.
+    block: per transition k = 1..S-1, `[B, 9, h_{k-1}, w_{k-1}, C, 4]` standard-normal
+      block-noise draws (`ChunkNoise.block`).
+    constants: the pyramid constants of the transitions (required when S > 1).
+    chol: block-noise factor (None = analytic).
+    noise_dtype: dtype the block noise is rounded to before the renoise (transformer dtype).
+    record: UniPC only: per stage, the static step indices whose input states are returned
+      (Stage 3 ODE pairs).
+    exits: DMD only: per stage, the `[B]` int32 exit step of the staged backward simulation
+      (`run_dmd`'s `exit_step`; gradient only through the exit steps).
+    denoise_nograd: with `exits`: per stage, `denoise` without gradient to any parameter.
+
+  Returns:
+    The `Trajectory`: stage outputs (UniPC fp32, Euler / DMD the model output dtype) and the
+    recorded states.
+  """
+  num = len(tables)
+  if solver not in ("unipc", "euler", "dmd"):
+    raise ValueError(f"solver={solver!r} must be 'unipc', 'euler' or 'dmd'")
+  if len(denoise) != num or len(block) != num - 1:
+    raise ValueError(f"{num} stage tables need {num} denoisers and {num - 1} block draws, got "
+                     f"{len(denoise)} and {len(block)}")
+  if num > 1 and constants is None:
+    raise ValueError(f"a {num}-stage pyramid needs its constants")
+  if record is not None and (solver != "unipc" or len(record) != num):
+    raise ValueError(f"record needs the 'unipc' solver and one index list per stage; got "
+                     f"solver={solver!r} with {len(record)} lists for {num} stages")
+  if exits is not None and (solver != "dmd" or len(exits) != num or denoise_nograd is None
+                            or len(denoise_nograd) != num):
+    raise ValueError("exits need the 'dmd' solver, one exit and one no-gradient denoiser per "
+                     f"stage; got solver={solver!r} for {num} stages")
+  x = hs.noise_pyramid_start(eps.astype(F32), num)
+  ends, states = [], []
+  for k in range(num):
     if k:
-      x = hs.stage_transition(x, noise.block[k - 1], k, hs.pyramid.constants_for(sc.scheduler),
-                              chol=chol, noise_dtype=dt)
-    if sc.is_dmd:
-      x = hs.run_dmd(x, table, make_denoise(zero))
-    elif sc.scheduler.solver == "unipc":
-      x = hs.run_unipc(x, table, make_denoise(zero))
+      x = hs.stage_transition(x, block[k - 1], k, constants, chol=chol, noise_dtype=noise_dtype)
+    if solver == "dmd":
+      x = hs.run_dmd(x, tables[k], denoise[k], None if exits is None else exits[k],
+                     None if exits is None else denoise_nograd[k])
+    elif solver == "euler":
+      x = hs.run_euler(x, tables[k], denoise[k])
+    elif record is None:
+      x = hs.run_unipc(x, tables[k], denoise[k])
     else:
-      x = hs.run_euler(x, table, make_denoise(zero))
-  return x
+      x, before = hs.run_unipc(x, tables[k], denoise[k], return_states=True)
+      states.append(jnp.moveaxis(before[np.asarray(record[k])], 0, 1))
+    ends.append(x)
+  return Trajectory(ends=tuple(ends), states=tuple(states))
 
 
 def advance(state: HistoryState, chunk: jax.Array, set_anchor: jax.Array | bool) -> HistoryState:

@@ -3,8 +3,10 @@
 Thin entry point (the loop is `helios_jax.training.trainer.train_and_evaluate`). The config
 file's `get_config(arg)` takes its argument after a colon, e.g.
 `--config=experiments/stage1.py:tiny` or `--config=experiments/stage2.py:post`; any field can be
-overridden with `--config.optim.lr=1e-4` (unknown keys are an error). Re-running with the same
-`--workdir` resumes from its latest checkpoint.
+overridden with `--config.optim.lr=1e-4`. A config mistake (an unknown or misspelt key, a value
+of the wrong type, a bad config argument) is one line on stderr and exit status 2, e.g.
+`unknown config key 'optim.lrr'; did you mean 'optim.lr'?`. Re-running with the same `--workdir`
+resumes from its latest checkpoint.
 
 Multi-host (one process per host, same command everywhere): pass `--multihost`, which calls
 `jax.distributed.initialize()`. On SLURM / Open MPI / TPU / GKE the coordinator, process count
@@ -24,12 +26,17 @@ collectively). On CPU the cross-process collectives use gloo.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from helios_jax.config import ConfigError
+from helios_jax.training import settings
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (`get_config(arg)`), e.g. experiments/stage1.py:tiny.",
@@ -61,13 +68,60 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
+CONFIG_ERROR_EXIT = 2
+
+
+def _fail(message: str) -> None:
+  """Exits with one line on stderr (a config mistake, no traceback)."""
+  sys.stderr.write(message.strip().splitlines()[-1] + "\n")
+  sys.exit(CONFIG_ERROR_EXIT)
+
+
+def _load_config(argv: list[str]):
+  """The experiment config named by `--config=FILE[:ARG]` in `argv`, without overrides."""
+  values = [a.partition("=")[2] if a.startswith("--config=") else nxt
+            for a, nxt in zip(argv, argv[1:] + [""]) if a.startswith("--config=") or (
+                a == "--config")]
+  if not values:
+    return None
+  path, sep, arg = values[-1].partition(":")
+  spec = importlib.util.spec_from_file_location("_helios_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if sep else module.get_config()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a config mistake ends the process via `_fail`.
+
+  ml_collections rejects an override of a key the config lacks while parsing; the config is
+  then loaded without the overrides to name the key in full with the closest known keys.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # e.g. get_config's ValueError, a value of the wrong type
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # an override naming an unknown key
+    config = _load_config(argv)
+    keys = [a[len("--config."):].partition("=")[0] for a in argv if a.startswith("--config.")]
+    for key in keys if config is not None else ():
+      message = settings.check_override(config, key)
+      if message:
+        _fail(message)
+    _fail(f"bad config override: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from helios_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    trainer.settings_from_config(_CONFIG.value)  # validated before any work or logging
+  except ConfigError as e:
+    _fail(str(e))
   if _MULTIHOST.value:
     initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
-  from helios_jax.training import trainer  # pylint: disable=g-import-not-at-top
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -76,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

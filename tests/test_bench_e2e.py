@@ -35,6 +35,8 @@ def e2e():
     (["--steps", "2,x,2"], "--steps='2,x,2'"),
     (["--chunks", "0"], "--chunks=0"),
     (["--warmup_chunks", "-1"], "--warmup_chunks=-1"),
+    (["--model", "turbo"], "'turbo'"),              # choices: the variant registry
+    (["--preset", "huge"], "'huge'"),               # choices: the model sizes
 ])
 def test_bad_arguments(e2e, capsys, argv, message):
   with pytest.raises(SystemExit):

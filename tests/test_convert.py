@@ -75,3 +75,33 @@ def test_unrecognised_folder(tmp_path):
     convert.convert(str(tmp_path / "x"), str(tmp_path / "y"), progress=False)
   with pytest.raises(checkpoint.CheckpointError, match="not found"):
     convert.convert(str(tmp_path / "nope"), str(tmp_path / "y"), progress=False)
+
+
+def test_cli_is_quiet_and_rejects_unwritable_dst_before_work(tmp_path):
+  """Default output: a progress bar and one result line (no Orbax INFO flood); an output
+  under a file, or on a full filesystem, is one error line before any tensor is read."""
+  src = str(tmp_path / "transformer")
+  tiny_transformer(src)
+  cmd = [sys.executable, "-m", "helios_jax.convert", f"--src={src}"]
+  res = subprocess.run(cmd + [f"--dst={tmp_path / 'ok'}"], capture_output=True, text=True,
+                       check=False)
+  assert res.returncode == 0, res.stderr
+  assert not [ln for ln in res.stderr.splitlines() if ln.startswith(("I1", "I0", "W1", "W0"))]
+  (tmp_path / "afile").write_text("")
+  res = subprocess.run(cmd + [f"--dst={tmp_path / 'afile' / 'out'}"], capture_output=True,
+                       text=True, check=False)
+  assert res.returncode == 2
+  assert res.stderr.strip().splitlines() == [
+      f"error: cannot write {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is not a folder"]
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(small)],
+                    capture_output=True, check=False).returncode:
+    return  # mounting needs root; the free-space rule is tested in test_media.py
+  try:
+    res = subprocess.run(cmd + [f"--dst={small / 'out'}"], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 2 and "MB needed" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and os.listdir(small) == []
+  finally:
+    subprocess.run(["umount", str(small)], check=False)

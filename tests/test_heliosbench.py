@@ -211,7 +211,8 @@ def test_merge_cli_end_to_end(tmp_path, capsys):
   res.write_json(str(root / "toy-video" / res.CHUNKS_FILE), curves)
   res.write_json(str(root / "toy-video" / res.SKIPPED_FILE), {})
   out = tmp_path / "summary"
-  rc = heliosbench.main(["merge", "--results", str(root), "--out", str(out), "--fps", "19.53"])
+  rc = heliosbench.main(["merge", "--results", str(root), "--out", str(out), "--fps", "19.53",
+                         "--rules", "long"])  # upstream's run_metrics.sh always merges long
   assert rc == 0
   text = capsys.readouterr().out
   assert "HeliosBench summary: toy-video" in text and "8.2470" in text
@@ -685,3 +686,56 @@ def test_clip_preprocess_matches_torch_bicubic():
           torch.tensor(CLIP_STD).view(1, 3, 1, 1)).numpy()
   got = np.asarray(preprocess.clip_preprocess(jnp.asarray(frames))).transpose(0, 3, 1, 2)
   assert _rel(got, want) <= 1e-5
+
+
+def test_merge_picks_rules_from_frame_counts_and_states_coverage(tmp_path, capsys):
+  """81/129-frame videos get the short rules unless asked; a total over missing metrics says
+  so; skipped metrics draw as n/a; chunk axes are integers."""
+  short_dir = tmp_path / "short"
+  _write_worked_example(str(short_dir))  # videos of 81 and 129 frames
+  assert merge_lib.infer_rules(str(short_dir))[0] is False
+  out = merge_lib.run_merge(str(short_dir), plots=False, log=lambda *_: None)
+  assert out["merged"]["short"]["summary"]["total_weighted_rating"] == 7.45
+  assert out["merged"]["short"]["summary"]["drifting"] == {}
+  total = [r for r in out["rows"]["short"] if r["kind"] == "total"][0]
+  assert "short rules: the longest video has 129 frames" in total["note"]
+  assert "covers 5 of 5 rated metrics" in total["note"]
+  # A long video and only one rated metric: long rules, coverage and a warning.
+  long_dir = tmp_path / "long"
+  spec = res.RESULT_SPECS["semantic"]
+  res.write_results(str(long_dir), spec, [
+      {"id": 1, "video_name": "1_1440_ori1452.mp4", spec.value_key: 0.3}])
+  res.write_json(str(long_dir / res.SKIPPED_FILE), {"aesthetic": "clip_model not given"})
+  res.write_json(str(long_dir / res.CHUNKS_FILE),
+                 {"chunk_frames": 33, "curves": {"motion_amplitude": {
+                     "1_1440_ori1452.mp4": [0.3, 0.2, 0.25]}}})
+  lines = []
+  plots_out = tmp_path / "summary"
+  out = merge_lib.run_merge(str(long_dir), str(plots_out), log=lines.append)
+  total = [r for r in out["rows"]["long"] if r["kind"] == "total"][0]
+  assert "long rules: the longest video has 1452 frames" in total["note"]
+  assert "covers 1 of 9 rated metrics" in total["note"]
+  assert any(ln.startswith("warning: long: total_weighted_rating covers 1 of 9") for ln in lines)
+  assert [r["note"] for r in out["rows"]["long"] if r["metric"] == "aesthetic"] == [
+      "skipped: clip_model not given"]
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from helios_jax.heliosbench import plots  # pylint: disable=g-import-not-at-top
+  captured = {}
+  real_savefig = matplotlib.figure.Figure.savefig
+
+  def savefig(fig, path, *a, **k):
+    captured[os.path.basename(path)] = fig
+    return real_savefig(fig, path, *a, **k)
+
+  matplotlib.figure.Figure.savefig = savefig
+  try:
+    plots.metric_bars(str(tmp_path / "bars.png"), out["rows"])
+    plots.chunk_curves(str(tmp_path / "curves.png"), str(long_dir))
+  finally:
+    matplotlib.figure.Figure.savefig = real_savefig
+  texts = [t.get_text() for t in captured["bars.png"].axes[0].texts]
+  assert texts.count("n/a") == 8  # every rated metric but semantic
+  ticks = captured["curves.png"].axes[0].get_xticks()
+  shown = [t for t in ticks if 0 <= t <= 2]
+  assert shown and all(float(t).is_integer() for t in shown)

@@ -1,18 +1,25 @@
-"""Multi-device inference on 4 forced host devices equals the single-device result."""
+"""Sharding (`helios_jax.sharding`): the logical-axis rules, meshes, and multi-device inference
+on 4 forced host devices equal to the single-device result."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
+from jax.sharding import PartitionSpec as P
+
+from helios_jax import sharding
+from helios_jax.config import HeliosTransformerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
-    from helios_jax import parallel, sampling
+    from helios_jax import sampling, sharding
     from helios_jax import schedulers as hs
     from helios_jax import pipeline as pl
     from helios_jax.config import HeliosTransformerConfig
@@ -41,11 +48,10 @@ SCRIPT = textwrap.dedent("""
     for name, sizes in {"tensor4": dict(tensor=4), "context4": dict(context=4),
                         "data2_context2": dict(data=2, context=2),
                         "context2_tensor2": dict(context=2, tensor=2)}.items():
-      mesh = parallel.make_mesh(**sizes)
+      mesh = sharding.make_mesh("inference", **sizes)
       sharded = init_transformer(cfg, jnp.float32, seed=0, kernels=KernelConfig("xla", "xla"))
-      parallel.shard_transformer(sharded, mesh)
-      with jax.set_mesh(mesh):
-        out = sharded.forward(sharded.params, inputs)
+      sharding.shard_transformer(sharded, mesh)
+      out = sharded.forward(sharded.params, inputs, constrain=sharding.token_constraint(mesh))
       n_dev = len(out.sharding.device_set) if hasattr(out, "sharding") else 1
       errs[name] = (float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()), n_dev)
     # A whole pyramid chunk (DMD sampler with history) through chunk_step.
@@ -58,13 +64,11 @@ SCRIPT = textwrap.dedent("""
     text = rnd(1, 5, cfg.text_dim)
     _, ref_chunk, _ = pl.chunk_step(model.graphdef, sc, True, model.params, text, None, state,
                                     noise, jnp.asarray(False))
-    mesh = parallel.make_mesh(context=2, tensor=2)
-    parallel.shard_transformer(model, mesh)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    args = jax.device_put((text, state, noise, jnp.asarray(False)), rep)
-    with jax.set_mesh(mesh):
-      _, chunk, _ = pl.chunk_step(model.graphdef, sc, True, model.params, args[0], None,
-                                  args[1], args[2], args[3])
+    mesh = sharding.make_mesh("inference", context=2, tensor=2)
+    sharding.shard_transformer(model, mesh)
+    args = jax.device_put((text, state, noise, jnp.asarray(False)), sharding.replicated(mesh))
+    _, chunk, _ = pl.chunk_step(model.graphdef, sc, True, model.params, args[0], None, args[1],
+                                args[2], args[3], constrain=sharding.token_constraint(mesh))
     errs["chunk_context2_tensor2"] = (
         float(np.abs(np.asarray(chunk) - np.asarray(ref_chunk)).max()
               / np.abs(np.asarray(ref_chunk)).max()), len(chunk.sharding.device_set))
@@ -79,7 +83,8 @@ SCRIPT = textwrap.dedent("""
               steps=(1, 1, 1), progress=False)
     a = pl.Pipeline(single, vae, sched, flags).generate(**kw)
     multi = init_transformer(cfg, jnp.float32, seed=0, kernels=KernelConfig("xla", "xla"))
-    b = pl.Pipeline(multi, vae, sched, flags).shard(parallel.make_mesh(data=2, tensor=2))
+    b = pl.Pipeline(multi, vae, sched, flags).shard(
+        sharding.make_mesh("inference", data=2, tensor=2))
     b = b.generate(**kw)
     errs["pipeline_data2_tensor2"] = (
         float(np.abs(b.latents - a.latents).max() / np.abs(a.latents).max()),
@@ -108,8 +113,82 @@ def test_sharded_inference_equals_single_device():
 
 
 def test_mesh_and_spec_errors():
-  from helios_jax import parallel  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="only 1 available"):
-    parallel.make_mesh(tensor=8)
+    sharding.make_mesh("inference", tensor=8)
   with pytest.raises(ValueError, match="tensor=3"):
-    parallel.transformer_param_specs({}, heads=40, ffn_dim=13824, tensor_size=3)
+    sharding.transformer_param_specs({}, HeliosTransformerConfig.from_preset("helios-14b"),
+                                     {"data": 1, "context": 1, "tensor": 3})
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.mesh_shape("training", 4, data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match="sizes must be >= 1 or -1"):
+    sharding.mesh_shape("inference", 4, tensor=0)
+  with pytest.raises(ValueError, match="does not divide 4 devices"):
+    sharding.mesh_shape("training", 4, data=3, fsdp=-1)
+  with pytest.raises(ValueError, match="has 2 devices, but 4 are present"):
+    sharding.mesh_shape("training", 4, data=2, fsdp=1)
+  with pytest.raises(ValueError, match=r"\['fsdp'\] are not inference axes"):
+    sharding.mesh_shape("inference", 4, fsdp=2)
+  with pytest.raises(ValueError, match="unknown sharding use 'serving'"):
+    sharding.mesh_shape("serving", 4)
+
+
+def test_mesh_shapes():
+  assert sharding.mesh_shape("training", 8, **dataclasses.asdict(sharding.MeshConfig())) == (
+      1, 8, 1)
+  assert sharding.mesh_shape("training", 8, data=2, fsdp=-1, context=2) == (2, 2, 2)
+  assert sharding.mesh_shape("inference", 8, tensor=4) == (1, 1, 4)  # a subset of the devices
+  assert sharding.mesh_shape("inference", 8, context=-1, tensor=2) == (1, 4, 2)
+  mesh = sharding.make_mesh("training")
+  assert mesh.axis_names == ("data", "fsdp", "context") and sharding.rules_of(mesh).fsdp == "fsdp"
+  assert sharding.token_constraint(mesh) is None  # one device: nothing to split
+  assert sharding.token_constraint(sharding.make_mesh("inference")) is None
+
+
+def _dit_params():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from helios_jax.models.transformer import TRANSFORMER_SPEC  # pylint: disable=g-import-not-at-top
+  cfg = HeliosTransformerConfig.from_preset("tiny")
+  return cfg, TRANSFORMER_SPEC.abstract(cfg, jnp.float32)[1]
+
+
+def test_inference_param_specs_are_megatron():
+  cfg, params = _dit_params()
+  specs = sharding.transformer_param_specs(params, cfg, {"data": 1, "context": 2, "tensor": 2})
+  blocks = specs["blocks"]
+  for attn in ("attn1", "attn2"):
+    for name in ("to_q", "to_k", "to_v"):
+      assert blocks[attn][name]["kernel"] == P(None, None, "tensor")  # column-parallel
+      assert blocks[attn][name]["bias"] == P(None, "tensor")
+    assert blocks[attn]["norm_q"]["weight"] == P(None, "tensor")
+    assert blocks[attn]["norm_k"]["weight"] == P(None, "tensor")
+    assert blocks[attn]["to_out"]["kernel"] == P(None, "tensor", None)  # row-parallel
+    assert blocks[attn]["to_out"]["bias"] == P()
+  assert blocks["ffn"]["proj_in"]["kernel"] == P(None, None, "tensor")
+  assert blocks["ffn"]["proj_in"]["bias"] == P(None, "tensor")
+  assert blocks["ffn"]["proj_out"]["kernel"] == P(None, "tensor", None)
+  assert blocks["ffn"]["proj_out"]["bias"] == P()
+  assert blocks["scale_shift_table"] == P()
+  rest = [s for k, s in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P)) if "blocks" not in jax.tree_util.keystr(k)]
+  assert rest and all(s == P() for s in rest)  # everything outside the blocks is replicated
+
+
+def test_training_fsdp_rule():
+  rules = sharding.RULES["training"]
+  sizes = {"data": 1, "fsdp": 4, "context": 1}
+  spec = lambda path, shape, s=sizes: sharding.param_spec(
+      [jax.tree_util.DictKey(k) for k in path], shape, rules, s)
+  assert spec(("proj_out", "kernel"), (64, 256)) == P(None, "fsdp")    # the largest axis
+  assert spec(("proj_out", "kernel"), (256, 66)) == P("fsdp", None)    # the largest divisible
+  assert spec(("proj_out", "bias"), (256,)) == P()                     # < MIN_SHARD_SIZE
+  assert spec(("x",), (1023, 3)) == P()                                # nothing divisible
+  # Never the stacked layer axis of blocks/..., even when it is the largest.
+  assert spec(("blocks", "attn1", "to_q", "kernel"), (4096, 8, 8)) == P(None, "fsdp", None)
+  assert spec(("lora", "blocks", "ffn", "lora_a"), (8, 512, 4)) == P(None, "fsdp", None)
+  assert spec(("proj_out", "kernel"), (64, 256), {**sizes, "fsdp": 1}) == P()
+  # The DiT's logical axes map to nothing in training: the FSDP rule alone decides.
+  cfg, params = _dit_params()
+  specs = sharding.param_specs(params, rules, sizes)
+  assert specs["blocks"]["ffn"]["proj_in"]["kernel"] == P(None, None, "fsdp")
+  assert all("tensor" not in s for s in jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, P)))

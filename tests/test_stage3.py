@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helios_jax import sampling
+from helios_jax import schedulers as hs
 from helios_jax.training import distill
+from helios_jax.training import gan
 from helios_jax.training import lora
 from helios_jax.training import model as model_lib
 from helios_jax.training import optim
@@ -155,6 +158,33 @@ def test_amplified_rollout_uses_four_steps_for_zero_history():
     assert max(max(e) for e in exits) == n - 1
 
 
+def test_rollout_stage_loop_is_the_dmd_sampler():
+  """The rollout's stage loop (`sampling.run_stages` with exits, per-sample tables) with every
+  exit at the stage's last step is the DMD sampler bit for bit; each sample follows its own
+  exit."""
+  b, h, w, c = 2, 8, 8, 2
+  scheds = hs.pyramid_schedules(hs.HeliosDMDSchedulerConfig(stages=3), (2, 2, 2), 9, h, w)
+  tables = [hs.dmd_table(s) for s in scheds]
+  per_sample = [jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a)[:, None],
+                                                        (a.shape[0], b) + a.shape[1:]), t)
+                for t in tables]
+  eps = jax.random.normal(jax.random.key(4), (b, 9, h, w, c))
+  sizes = hs.stage_latent_sizes(h, w, 3)
+  block = [jax.random.normal(jax.random.key(5 + k), (b, 9, *sizes[k - 1], c, 4)) for k in (1, 2)]
+  denoise = [lambda x, step: 0.5 * jnp.tanh(x)] * 3
+  kw = dict(block=block, constants=hs.HELIOS_PYRAMID, noise_dtype=F32)
+  run = lambda e: sampling.run_stages(eps, per_sample, denoise, "dmd", exits=[e] * 3,
+                                      denoise_nograd=denoise, **kw)
+  full = sampling.run_stages(eps, tables, denoise, "dmd", **kw)
+  last = run(jnp.ones((b,), jnp.int32))
+  for want, got in zip(full.ends, last.ends):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  first, mixed = run(jnp.zeros((b,), jnp.int32)), run(jnp.asarray([0, 1], jnp.int32))
+  assert not np.array_equal(np.asarray(first.output), np.asarray(last.output))
+  np.testing.assert_array_equal(np.asarray(mixed.output[0]), np.asarray(first.output[0]))
+  np.testing.assert_array_equal(np.asarray(mixed.output[1]), np.asarray(last.output[1]))
+
+
 def _ode_batch(key, b=1, sections=3, h=8, w=8, c=4, text_len=3, text_dim=6):
   """Random ODE-pair records with 1 valid recorded step (deterministic choice)."""
   out = {"text": jnp.ones((b, text_len, text_dim))}
@@ -268,20 +298,19 @@ def dmd_setup():
   base = jax.tree.map(jnp.asarray, {"student": student_host, "score": score_host})
   # The GAN variant runs end to end in test_stage3_cli.py; without it this step compiles ~2x
   # faster.
-  loss_cfg = distill.Stage3Config(gen_update_ratio=2, gan=False,
+  loss_cfg = distill.Stage3Config(gen_update_ratio=2,
+                                  gan=gan.GanConfig(enabled=False),
                                   drop=sample.DropConfig(p_t2v=0.5, p_i2v=0.0, p_v2v=0.5))
   gen_spec = lora.TrainableSpec(rank=4, alpha=4.0, patch_embedding="frozen",
                                 memory_patches="lora")
   critic_spec = lora.TrainableSpec(rank=4, alpha=4.0, patch_embedding="frozen",
                                    memory_patches="frozen")
   opt = optim.OptimConfig(lr=1e-3, b1=0.0, weight_decay=1e-3, grad_clip=10.0)
-  s3 = stage3.Stage3Settings(loss=loss_cfg, ema=stage3.EmaConfig(True, 0.99, 1),
-                             critic=critic_spec, critic_optim=opt,
-                             gan=stage3.GanHeadConfig(width=16, groups=4))
+  ema_cfg = stage3.EmaConfig(True, 0.99, 1)
   heads_graphdef, heads_params, blocks = None, None, ()
   gen_tr = lora.init_trainables(base["student"], gen_spec, jax.random.key(0))
   gen_tr = jax.tree.map(lambda a: a + 0.01, gen_tr)  # non-zero B: a non-trivial generator
-  critic = stage3.init_critic(base["score"], s3, jax.random.key(1), heads_params)
+  critic = stage3.init_critic(base["score"], critic_spec, jax.random.key(1), heads_params)
   gen_tx = optim.make_optimizer(opt, gen_tr)
   critic_tx = optim.make_optimizer(
       dataclasses.replace(opt, lr_multipliers=(("full", 1.0), ("gan", 1.0), ("lora", 1.0))),
@@ -290,8 +319,8 @@ def dmd_setup():
            "trainables": gen_tr, "opt_state": gen_tx.init(gen_tr), "critic": critic,
            "critic_opt_state": critic_tx.init(critic), "ema": gen_tr,
            "ema_count": jnp.zeros((), jnp.int32)}
-  step_fn = jax.jit(stage3.make_dmd_step(graphdef, gen_spec, gen_tx, critic_tx, s3, opt, None,
-                                         heads_graphdef, blocks))
+  step_fn = jax.jit(stage3.make_dmd_step(graphdef, gen_spec, critic_spec, gen_tx, critic_tx,
+                                         loss_cfg, ema_cfg, opt, None, heads_graphdef, blocks))
   b, h, w, c = 1, 16, 16, config.in_channels
   keys = jax.random.split(jax.random.key(9), 4)
   mk = lambda k: {"history": jax.random.normal(k, (b, 19, h, w, c)),
@@ -377,22 +406,25 @@ def test_stage3_experiment_configs():
   assert ode.seed == 47 and ode.kind == "ode_regression"
   assert (ode.optim.lr, ode.optim.b1, ode.optim.weight_decay, ode.optim.grad_clip) == (
       2e-6, 0.0, 1e-3, 10.0)
-  assert ode.stage3.ema == stage3.EmaConfig(True, 0.99, 250)
-  assert ode.stage3.loss.ode_weight == 80.0 and ode.stage3.loss.ode_sections == 3
+  assert ode.ema == stage3.EmaConfig(True, 0.99, 250)
+  assert ode.stage3.ode_weight == 80.0 and ode.stage3.ode_sections == 3
   assert ode.trainable.rank == 256 and ode.trainable.memory_patches == "lora"
   assert ode.trainable.patch_embedding == "frozen" and not ode.objective.drop.enabled
   dmd = trainer.settings_from_config(stage3_dmd.get_config("gan"))
   assert dmd.seed == 49 and dmd.kind == "dmd"
-  s3 = dmd.stage3
-  assert s3.critic_optim.lr == 4e-7 and s3.critic.memory_patches == "frozen"
-  assert s3.critic.linears == "lora" and s3.critic.rank == 256
-  assert s3.ema == stage3.EmaConfig(True, 0.99, 750)
-  lc = s3.loss
+  critic = dmd.critic
+  assert critic.optim.lr == 4e-7 and critic.trainable.memory_patches == "frozen"
+  assert critic.trainable.linears == "lora" and critic.trainable.rank == 256
+  assert dmd.ema == stage3.EmaConfig(True, 0.99, 750)
+  lc = dmd.stage3
   assert (lc.gen_update_ratio, lc.real_guidance, lc.beta_a, lc.beta_b) == (5, 3.0, 4.0, 1.5)
-  assert lc.t_clamp == (20.0, 980.0) and lc.gan and lc.gan_start_step == 1000
+  assert lc.t_clamp == (20.0, 980.0) and lc.gan.enabled and lc.gan.start_step == 1000
+  assert (lc.gan.g_weight, lc.gan.d_weight, lc.gan.r1_weight, lc.gan.r1_sigma) == (
+      0.05, 0.01, 100.0, 0.1)
+  assert (lc.gan.crop, lc.gan.head_width, lc.gan.head_groups) == (0.5, 768, 32)
   assert lc.saturation and lc.corrupt.mode == "random" and lc.drop.p_v2v == 0.5
   tiny = trainer.settings_from_config(stage3_dmd.get_config("tiny"))
-  assert tiny.stage3.score_model.preset == "tiny" and not tiny.stage3.loss.gan
+  assert tiny.score_model.preset == "tiny" and not tiny.stage3.gan.enabled
   bad = stage3_ode.get_config("tiny")
   bad.data.source = "synthetic"
   with pytest.raises(ConfigError, match="data.source='synthetic'"):

@@ -124,6 +124,25 @@ def test_ema_generator_exports_as_a_distilled_pipeline(cli_env, chain, tmp_path)
   assert max(diff) > 0
 
 
+def test_tiny_stage3_variants_run_alone(cli_env, tmp_path):
+  """No data / init given: stage3_ode.py:tiny records the ODE pairs of its own random tiny
+  teacher into the workdir (reused on resume), stage3_dmd.py:tiny builds random tiny
+  student / score models and trains on synthetic latents."""
+  ode = str(tmp_path / "ode")
+  _ok(_run(cli_env, ["--config=experiments/stage3_ode.py:tiny,steps=1", f"--workdir={ode}"]))
+  assert os.path.isfile(os.path.join(ode, "tiny_pairs", "index.json"))
+  teacher = checkpoint.load_params(os.path.join(ode, "tiny_teacher", checkpoint.PARAMS_DIR))
+  _, _, student = model_lib.build_base(model_lib.BaseModelConfig(preset="tiny"))
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)):
+    np.testing.assert_array_equal(np.asarray(a), b)   # the student starts from the teacher
+  m = _metrics(ode)
+  assert sorted(m) == [1] and np.isfinite(m[1]["loss"]) and m[1]["loss"] > 0
+  dmd = str(tmp_path / "dmd")
+  _ok(_run(cli_env, ["--config=experiments/stage3_dmd.py:tiny,steps=1", f"--workdir={dmd}"]))
+  m = _metrics(dmd)
+  assert sorted(m) == [1] and np.isfinite(m[1]["loss"]) and np.isfinite(m[1]["gen_loss"])
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_dmd_two_device_data_mesh_matches_one_device(cli_env, tmp_path):

@@ -152,15 +152,15 @@ def test_indices_and_history_layout():
   np.testing.assert_array_equal(idx["long"], np.arange(1, 17))
   np.testing.assert_array_equal(idx["mid"], [17, 18])
   np.testing.assert_array_equal(idx["noisy"], np.arange(20, 29))
-  sections = np.arange(3 * 9, dtype=np.float32).reshape(3, 9, 1, 1, 1) + 1
-  hist, anchor, target = sections.sample_from_sections(sections, 0)
+  secs = np.arange(3 * 9, dtype=np.float32).reshape(3, 9, 1, 1, 1) + 1
+  hist, anchor, target = sections.sample_from_sections(secs, 0)
   assert not hist.any() and not anchor.any()
   np.testing.assert_array_equal(target[:, 0, 0, 0], np.arange(1, 10))
-  hist, anchor, target = sections.sample_from_sections(sections, 1)
+  hist, anchor, target = sections.sample_from_sections(secs, 1)
   assert not hist[:10].any()
   np.testing.assert_array_equal(hist[10:, 0, 0, 0], np.arange(1, 10))
   assert anchor[0, 0, 0, 0] == 1
-  hist, anchor, target = sections.sample_from_sections(sections, 2)
+  hist, anchor, target = sections.sample_from_sections(secs, 2)
   np.testing.assert_array_equal(hist[:, 0, 0, 0], np.arange(0, 19))
   np.testing.assert_array_equal(target[:, 0, 0, 0], np.arange(19, 28))
   hi = sample.history_inputs(jnp.asarray(hist[None]), jnp.asarray(anchor[None]))
@@ -711,7 +711,7 @@ def test_config_files_mirror_the_spec_table():
   assert (s1i.seed, s1p.seed, s2i.seed, s2p.seed) == (43, 44, 45, 46)
   assert (s1i.optim.lr, s1p.optim.lr, s2i.optim.lr, s2p.optim.lr) == (5e-5, 3e-5, 1e-4, 3e-5)
   assert (s2i.optim.warmup_steps, s2p.optim.warmup_steps) == (1000, 500)
-  assert (s1i.trainable.lora_rank, s2i.trainable.lora_rank) == (128, 256)
+  assert (s1i.trainable.rank, s2i.trainable.rank) == (128, 256)
   assert (s1i.trainable.patch_embedding, s1i.trainable.memory_patches) == ("lora", "full")
   assert (s2i.trainable.patch_embedding, s2i.trainable.memory_patches) == ("frozen", "frozen")
   assert (s2p.trainable.patch_embedding, s2p.trainable.memory_patches) == ("lora", "lora")
@@ -727,3 +727,52 @@ def test_config_files_mirror_the_spec_table():
   s1i.lock()
   with pytest.raises(AttributeError):
     s1i.train.nmu_steps = 3
+
+
+def test_settings_round_trip_and_strict_keys():
+  """Config groups <-> dataclasses: one converter, casts by field type, unknown keys named."""
+  from experiments import stage1, stage3_dmd  # pylint: disable=g-import-not-at-top
+  from helios_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from helios_jax.training import settings  # pylint: disable=g-import-not-at-top
+  from helios_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  st = trainer.settings_from_config(stage3_dmd.get_config("gan"))
+  # Every group converts back to the same ConfigDict (sub-groups, pairs and tuples included).
+  for group in ("optim", "trainable", "model", "stage3", "critic", "data", "corrupt"):
+    want = getattr(st, group)
+    got = settings.from_configdict(type(want), settings.to_configdict(want), group)
+    if group == "stage3":  # drop / corrupt / saturation are derived, not config keys
+      got = dataclasses.replace(got, drop=want.drop, corrupt=want.corrupt,
+                                saturation=want.saturation)
+    assert got == want, group
+  # JSON-style values (lists, ints for floats) are cast by the field types.
+  opt = settings.from_configdict(optim.OptimConfig, {"lr": 1, "warmup_steps": 2.0,
+                                                     "lr_multipliers": {"lora": 2}}, "optim")
+  assert opt == optim.OptimConfig(lr=1.0, warmup_steps=2, lr_multipliers=(("lora", 2.0),))
+  assert isinstance(opt.lr, float) and isinstance(opt.warmup_steps, int)
+  spec = settings.from_configdict(sample.DropConfig, {"p_t2v": 0.5}, "drop")
+  assert spec == sample.DropConfig(p_t2v=0.5)
+  c = stage1.get_config("tiny")
+  assert trainer.settings_from_config(c).stage3 is None          # optional groups absent
+  assert settings.to_configdict(trainer.Settings()).keys() == c.keys()
+  c.unlock()
+  c.optim.lrr = 1.0
+  with pytest.raises(ConfigError, match=r"^unknown config key 'optim.lrr'; did you mean "
+                     r"'optim.lr'\?$"):
+    trainer.settings_from_config(c)
+  c = stage1.get_config("tiny")
+  c.unlock()
+  c.data.synthetic.hieght = 8
+  with pytest.raises(ConfigError, match="'data.synthetic.hieght'; did you mean "
+                     "'data.synthetic.height'"):
+    trainer.settings_from_config(c)
+  with pytest.raises(ConfigError, match=r"optim.warmup_steps=1.5 is not an int"):
+    settings.from_configdict(optim.OptimConfig, {"warmup_steps": 1.5}, "optim")
+  with pytest.raises(ConfigError, match=r"trainable.linears=3 is not a str"):
+    settings.from_configdict(lora.TrainableSpec, {"linears": 3}, "trainable")
+  with pytest.raises(ConfigError, match=r"objective.multiplicities\[1\]=True is not an int"):
+    settings.from_configdict(losses.ObjectiveConfig, {"multiplicities": (1, True, 1)},
+                             "objective")
+  with pytest.raises(ConfigError, match=r"^optim: lr=-1.0 must be > 0$"):
+    settings.from_configdict(optim.OptimConfig, {"lr": -1.0}, "optim")
+  with pytest.raises(ConfigError, match="'stage3.drop'"):   # derived fields are not keys
+    settings.from_configdict(type(st.stage3), {"drop": {}}, "stage3")

@@ -218,6 +218,22 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(cli_env, tmp_pa
 def test_cli_bad_input(cli_env, tmp_path):
   proc = _run(cli_env, SYNTH + ["--config.train.num_stepz=3", f"--workdir={tmp_path}"])
   assert proc.returncode != 0 and "num_stepz" in proc.stderr
+  # A config mistake is one line on stderr and exit status 2 (no traceback).
+  for args, line in (
+      (["--config.optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+      (["--config.stage3.gan.crop_scale", "0.4"],
+       "unknown config key 'stage3.gan.crop_scale'; did you mean 'stage3.gan.crop'?")):
+    proc = _run(cli_env, ["--config=experiments/stage3_dmd.py:tiny", *args,
+                          f"--workdir={tmp_path / 'c'}"])
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [line], proc.stderr[-2000:]
+  proc = _run(cli_env, SYNTH + ["--config.objective.kind=flow_matchin", f"--workdir={tmp_path}"])
+  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+  assert "objective: objective kind='flow_matchin' must be one of" in proc.stderr
+  proc = _run(cli_env, ["--config=experiments/stage1.py:tiny,stpes=3", f"--workdir={tmp_path}"])
+  assert proc.returncode == 2 and proc.stderr.splitlines() == [
+      "ValueError: unknown config argument 'stpes' in 'tiny,stpes=3'; known: ['init', 'phase', "
+      "'post', 'steps', 'tiny', 'toy']"]
+  assert not os.path.exists(tmp_path / "c")  # nothing written before the config is valid
   proc = _run(cli_env, ["--config=experiments/stage1.py:tiny,toy=" + str(tmp_path / "none"),
                         f"--workdir={tmp_path / 'w'}"])
   assert proc.returncode != 0 and "data dir not found" in proc.stderr

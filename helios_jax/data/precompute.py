@@ -14,6 +14,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
+from helios_jax import runtime
 from helios_jax.data import clips
 from helios_jax.data import latents
 
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run_cli(main)

@@ -65,7 +65,9 @@ def _merge(args: argparse.Namespace) -> int:
     fps = float(timings["fps"])
     print(f"end-to-end FPS {fps:.3f} from {args.fps_from}"
           + (f" ({timings['note']})" if timings.get("note") else ""))
-  out = merge_lib.run_merge(args.results, args.out, is_long=not args.short,
+  rules = "short" if args.short else args.rules
+  out = merge_lib.run_merge(args.results, args.out,
+                            is_long=None if rules == "auto" else rules == "long",
                             long_aesthetic=args.long_aesthetic, fps=fps,
                             score_type=args.score_type, plots=not args.no_plots)
   print("wrote:\n  " + "\n  ".join(out["files"]))
@@ -150,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
   g = sub.add_parser("merge", help="ratings, totals, summary table, plots")
   g.add_argument("--results", required=True, help="a model's results folder or a folder of them")
   g.add_argument("--out", default=None, help="summary/plots folder (default: --results)")
-  g.add_argument("--short", action="store_true", help="short-video rules (default: long rules)")
+  g.add_argument("--rules", default="auto", choices=["auto", "short", "long"],
+                 help="rating rules: 'auto' (default) picks short rules when no scored video is "
+                 f"longer than {merge_lib.SHORT_MAX_FRAMES} frames, long rules otherwise")
+  g.add_argument("--short", action="store_true", help="same as --rules short")
   g.add_argument("--long-aesthetic", default="upstream", choices=["upstream", "fixed"],
                  help="'upstream' keeps the duplicated long-Aesthetic thresholds (0.45, 0.40 "
                  "for ratings 3 and 2, which makes them unreachable); 'fixed' uses 0.35, 0.30")

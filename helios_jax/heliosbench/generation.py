@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from helios_jax import sampling
+from helios_jax import variants
 from helios_jax.constants import CHUNK_FRAMES
 from helios_jax.heliosbench import naming
 from helios_jax.heliosbench import results as res
@@ -46,8 +47,7 @@ TIMINGS_FILE = "timings.json"
 LOCK_FILE = ".heliosbench-generate.lock"
 TMP_GLOB = ".tmp-*.mp4"  # `media.write_video`'s temporary files
 
-TINY_MODELS = ("base", "mid", "distilled")
-TINY_SIZE = 128
+TINY_MODELS = tuple(variants.VARIANTS)
 PROTOCOL_SIZE = (384, 640)  # benchmark.md §1.5: throughput is measured at 384x640
 
 # Settings that change the generated pixels: a resumed run must use the same values.
@@ -98,7 +98,7 @@ class GenerateOptions:
   seed: int = 42
   negative_prompt: str | None = None
   dtype: str | None = None
-  tiny_model: str = "distilled"
+  tiny_model: str = variants.DEFAULT_VARIANT
   video_fps: int = 24
   warmup: bool = True
   text_encoder_on_cpu: bool = False
@@ -452,8 +452,9 @@ def run_generate(opts: GenerateOptions, *,
   jobs = select_jobs(prompts, opts.ids, opts.durations, opts.max_frames, opts.seed,
                      opts.prompts_csv)
   tiny = opts.model_dir is None
-  height = opts.height or (TINY_SIZE if tiny else PROTOCOL_SIZE[0])
-  width = opts.width or (TINY_SIZE if tiny else PROTOCOL_SIZE[1])
+  default_size = variants.get_size("tiny").resolution if tiny else PROTOCOL_SIZE
+  height = opts.height or default_size[0]
+  width = opts.width or default_size[1]
   dtype = opts.dtype or ("float32" if tiny else "bfloat16")
   from helios_jax.pipeline import DEFAULT_NEGATIVE_PROMPT  # pylint: disable=g-import-not-at-top
   negative = DEFAULT_NEGATIVE_PROMPT if opts.negative_prompt is None else opts.negative_prompt

@@ -22,9 +22,13 @@ import math
 import os
 from typing import Any, Mapping
 
+from helios_jax.heliosbench import naming
 from helios_jax.heliosbench import results as res
 
 RATING_SCALE = 10
+# `--rules auto`: short rules when no video is longer than the 120-frame bucket as Helios
+# writes it (132 frames: four 33-frame chunks; the 81-frame short clips too), long otherwise.
+SHORT_MAX_FRAMES = 132
 
 WEIGHTS_SHORT = {
     "aesthetic": 0.10, "motion_amplitude": 0.10, "motion_smoothness": 0.10,
@@ -111,6 +115,34 @@ def weighted_total(ratings: Mapping[str, int | None], is_long: bool) -> float:
   return round(total, 4)
 
 
+def video_frames(results_dir: str) -> list[int]:
+  """Frame counts (the `ori{frames}` field) of the videos a results folder scored."""
+  frames = set()
+  for name in sorted(os.listdir(results_dir)):
+    if not name.endswith("_results.json") or name == "merged_results.json":
+      continue
+    data = res.read_json(os.path.join(results_dir, name))
+    for entry in data.get("per_video_results", []) + data.get("failed_videos", []):
+      try:
+        n = naming.parse_video_name(str(entry.get("video_name", "")), strict=False).frames
+      except naming.NamingError:
+        continue
+      if n is not None:
+        frames.add((entry.get("video_name"), n))
+  return [n for _, n in sorted(frames)]
+
+
+def infer_rules(results_dir: str) -> tuple[bool, str]:
+  """(is_long, why): long rules when a scored video is longer than `SHORT_MAX_FRAMES`."""
+  frames = video_frames(results_dir)
+  if not frames:
+    return True, "long rules (no video lengths in the results; the upstream default)"
+  longest = max(frames)
+  is_long = longest > SHORT_MAX_FRAMES
+  return is_long, (f"{'long' if is_long else 'short'} rules: the longest video has {longest} "
+                   f"frames (short up to {SHORT_MAX_FRAMES})")
+
+
 def merge_model(results_dir: str, is_long: bool, long_aesthetic: str = "upstream",
                 write: bool = True) -> dict[str, Any]:
   """Builds (and writes) one model's `merged_results.json` from its `*_results.json` files.
@@ -183,9 +215,12 @@ def collect_models(merged: Mapping[str, Mapping[str, Any]], score_type: str = "r
 
 
 def summary_rows(results_dir: str, merged: Mapping[str, Any], is_long: bool,
-                 fps: float | None = None) -> list[dict[str, Any]]:
+                 fps: float | None = None, rules_note: str | None = None
+                 ) -> list[dict[str, Any]]:
   """One row per metric: rated ones with weight and contribution, then extensions/proxies,
-  skipped metrics with their reason, the total and the throughput score."""
+  skipped metrics with their reason, the total (with the rules used and how many of the rated
+  metrics it covers) and the throughput score."""
+  rules_note = rules_note or ("long rules" if is_long else "short rules")
   weights = WEIGHTS_LONG if is_long else WEIGHTS_SHORT
   entries = {**merged["summary"]["non_drifting"], **merged["summary"]["drifting"]}
   rows = []
@@ -213,10 +248,12 @@ def summary_rows(results_dir: str, merged: Mapping[str, Any], is_long: bool,
                  "raw_score": score, "rating": None, "weight": None, "contribution": None,
                  "num_videos": data.get("num_videos", 0),
                  "note": "model-free proxy, not rated" if spec.proxy else "not rated"})
+  rated = [r["metric"] for r in rows if r["kind"] == "rated" and r["rating"] is not None]
   rows.append({"metric": "total_weighted_rating", "kind": "total",
                "raw_score": merged["summary"]["total_weighted_rating"], "rating": None,
                "weight": round(sum(weights.values()), 4), "contribution": None,
-               "num_videos": None, "note": "long rules" if is_long else "short rules"})
+               "num_videos": None,
+               "note": f"{rules_note}; covers {len(rated)} of {len(weights)} rated metrics"})
   if fps is not None:
     rows.append({"metric": "throughput_score", "kind": "throughput", "raw_score": fps,
                  "rating": throughput_score(fps), "weight": None, "contribution": None,
@@ -277,7 +314,7 @@ def find_model_dirs(results: str) -> dict[str, str]:
   return out
 
 
-def run_merge(results: str, out_dir: str | None = None, *, is_long: bool = True,
+def run_merge(results: str, out_dir: str | None = None, *, is_long: bool | None = None,
               long_aesthetic: str = "upstream", fps: float | None = None,
               score_type: str = "rating", plots: bool = True, log=print) -> dict[str, Any]:
   """Merges one model folder or a root of model folders; writes summaries and plots.
@@ -286,7 +323,8 @@ def run_merge(results: str, out_dir: str | None = None, *, is_long: bool = True,
     results: a model's results folder, or a folder of model results folders.
     out_dir: where `summary.{json,csv}`, `all_models_merged.json` and `plots/` go (default
       `results`). Each model's `merged_results.json` is written into its own folder (upstream).
-    is_long: long rules (default, as upstream's `run_metrics.sh`) or short rules.
+    is_long: long or short rules; None (default): per model from its videos' frame counts
+      (`infer_rules`; upstream's `run_metrics.sh` always passes long).
     long_aesthetic: "upstream" (keep the duplicated long-Aesthetic thresholds) or "fixed".
     fps: measured end-to-end FPS for the Throughput Score row (optional).
     score_type: view of `all_models_merged.json` ("rating", "raw", "normalized").
@@ -301,10 +339,20 @@ def run_merge(results: str, out_dir: str | None = None, *, is_long: bool = True,
   model_dirs = find_model_dirs(results)
   merged, rows, files = {}, {}, []
   for model, d in model_dirs.items():
-    merged[model] = merge_model(d, is_long, long_aesthetic)
+    if is_long is None:
+      model_long, note = infer_rules(d)
+    else:
+      model_long, note = is_long, f"{'long' if is_long else 'short'} rules (as asked)"
+    merged[model] = merge_model(d, model_long, long_aesthetic)
     files.append(os.path.join(d, "merged_results.json"))
-    rows[model] = summary_rows(d, merged[model], is_long, fps)
+    rows[model] = summary_rows(d, merged[model], model_long, fps, note)
     log(format_table(model, rows[model]))
+    missing = [r["metric"] for r in rows[model] if r["kind"] == "rated" and r["rating"] is None]
+    if missing:
+      n = len(WEIGHTS_LONG if model_long else WEIGHTS_SHORT)
+      log(f"warning: {model}: total_weighted_rating covers {n - len(missing)} of {n} rated "
+          f"metrics; missing {', '.join(missing)} (they add 0, so totals are not comparable "
+          "with complete runs)")
   all_path = os.path.join(out_dir, "all_models_merged.json")
   res.write_json(all_path, collect_models(merged, score_type))
   files.append(all_path)

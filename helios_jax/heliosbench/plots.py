@@ -8,6 +8,10 @@ from typing import Any, Mapping
 from helios_jax.heliosbench import results as res
 
 
+# Drift scatter plots label each point with its video id up to this many videos.
+MAX_LABELLED_POINTS = 30
+
+
 def _plt():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -28,13 +32,21 @@ def metric_bars(path: str, per_model_rows: Mapping[str, list[dict[str, Any]]]) -
   width = 0.8 / max(len(models), 1)
   for i, m in enumerate(models):
     rows = {r["metric"]: r for r in per_model_rows[m]}
-    vals = [rows.get(k, {}).get("rating") or 0 for k in metrics]
-    total = next((r["raw_score"] for r in per_model_rows[m] if r["kind"] == "total"), None)
-    label = f"{m} (total {total:.3f})" if total is not None else m
+    ratings = [rows.get(k, {}).get("rating") for k in metrics]
+    total_row = next((r for r in per_model_rows[m] if r["kind"] == "total"), None)
+    label = m
+    if total_row is not None and total_row["raw_score"] is not None:
+      rated = sum(r is not None for r in ratings)
+      label = f"{m} (total {total_row['raw_score']:.3f}, {rated}/{len(metrics)} metrics)"
     xs = [j + i * width - 0.4 + width / 2 for j in range(len(metrics))]
-    ax.bar(xs, vals, width, label=label)
+    bars = ax.bar(xs, [r or 0 for r in ratings], width, label=label)
+    for x, r, bar in zip(xs, ratings, bars):
+      if r is None:  # skipped or missing: say so instead of an empty bar that reads as 0
+        ax.text(x, 0.15, "n/a", ha="center", va="bottom", fontsize=7, rotation=90,
+                color=bar.get_facecolor())
   ax.set_xticks(range(len(metrics)))
-  ax.set_xticklabels([k.replace("_", "\n") for k in metrics], fontsize=7)
+  ax.set_xticklabels([k.replace("drifting_", "drift ").replace("_", " ") for k in metrics],
+                     fontsize=7, rotation=30, ha="right")
   ax.set_ylim(0, 10.5)
   ax.set_ylabel("rating (1-10)")
   ax.set_title("HeliosBench ratings per metric")
@@ -69,9 +81,14 @@ def drift_start_end(path: str, results_dir: str) -> str | None:
     lo, hi = min(s + e, default=0), max(s + e, default=1)
     pad = 0.05 * (hi - lo or 1)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
-    for item, x, y in zip(pv, s, e):
-      ax.annotate(str(item["id"]), (x, y), fontsize=6)
-    ax.set_title(f"{key}\nmean drift {data.get('average_drift_score', 0):.4f}", fontsize=8)
+    if len(pv) <= MAX_LABELLED_POINTS:  # ids beside their points, alternately above / below
+      for j, (item, x, y) in enumerate(zip(pv, s, e)):
+        ax.annotate(str(item["id"]), (x, y), xytext=(4, 5 if j % 2 == 0 else -9),
+                    textcoords="offset points", fontsize=6)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_title(f"{key.replace('_', ' ')}\nmean drift "
+                 f"{data.get('average_drift_score', 0):.4f} ({len(pv)} videos)", fontsize=8)
     ax.set_xlabel("start (first 15%)")
     ax.set_ylabel("end (last 15%)")
   fig.tight_layout()
@@ -83,6 +100,7 @@ def drift_start_end(path: str, results_dir: str) -> str | None:
 def chunk_curves(path: str, results_dir: str) -> str | None:
   """Per-chunk metric curves of every video (one panel per curve)."""
   plt = _plt()
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   f = os.path.join(results_dir, res.CHUNKS_FILE)
   if not os.path.isfile(f):
     return None
@@ -95,8 +113,9 @@ def chunk_curves(path: str, results_dir: str) -> str | None:
   for ax, (name, per_video) in zip(axes[0], sorted(curves.items())):
     for video, ys in sorted(per_video.items()):
       ax.plot(range(len(ys)), ys, marker="o", ms=3, lw=1, label=video)
-    ax.set_title(name, fontsize=8)
+    ax.set_title(name.replace("_", " "), fontsize=8)
     ax.set_xlabel(f"chunk ({chunk} frames)")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # chunks are whole numbers
     if len(per_video) <= 8:
       ax.legend(fontsize=6)
   fig.tight_layout()

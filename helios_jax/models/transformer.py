@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from helios_jax import checkpoint
-from helios_jax import parallel
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import layers
 from helios_jax.models import memory
@@ -43,6 +42,9 @@ FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
 
 # Optional per-layer hook of the block scan: (layer_state, layer_extra, h) -> (layer_state, h).
 BlockHook = Callable[[Any, Any, jax.Array], "tuple[Any, jax.Array]"]
+# Optional constraint on the hidden states `[B, S, D]` at every block entry, h -> h (e.g. a
+# device mesh's token sharding; the caller builds it, the model never looks up a mesh).
+Constraint = Callable[[jax.Array], jax.Array]
 
 REMAT_POLICIES = {
     "none": None,
@@ -150,7 +152,6 @@ class HeliosBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx: BlockContext) -> jax.Array:
     """`x` `[B, S, D]` (model dtype) -> `[B, S, D]`."""
-    x = parallel.constrain_tokens(x)  # no-op unless a (data, context, tensor) mesh is active
     dt = x.dtype
     kw = dict(eps=self.eps, **self.kernels.op_kwargs())
     table = self.scale_shift_table[...]  # [1, 6, D] fp32
@@ -236,8 +237,8 @@ class HeliosTransformer3DModel(nnx.Module):
                                   rngs=rngs)
 
   def _run_blocks(self, x: jax.Array, ctx: BlockContext, block_hook: BlockHook | None = None,
-                  block_extra: Any = None,
-                  capture: tuple[int, ...] = ()) -> tuple[jax.Array, list[jax.Array]]:
+                  block_extra: Any = None, capture: tuple[int, ...] = (),
+                  constrain: Constraint | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """All blocks as one `jax.lax.scan` over the stacked block state (one compiled block).
 
     A plain lax.scan over `nnx.split(self.blocks)` (rather than `nnx.scan`) keeps the model
@@ -247,13 +248,15 @@ class HeliosTransformer3DModel(nnx.Module):
       x: `[B, S, D]` hidden states.
       ctx: per-forward values shared by all blocks.
       block_hook: optional `(layer_state, layer_extra, h) -> (layer_state, h)` applied inside
-        the scan body before each block (e.g. LoRA deltas merged per layer, sharding
-        constraints on h); runs under the block's remat.
+        the scan body before each block (e.g. LoRA deltas merged per layer); runs under the
+        block's remat.
       block_extra: pytree whose leaves carry a leading layer axis, scanned with the blocks and
         passed to `block_hook` one layer slice at a time (None: nothing).
       capture: 0-based block indices whose output hidden states are also returned (the GAN
         discriminator's features); the scan is cut into segments at those blocks, so no
         per-layer stack of activations is kept.
+      constrain: optional `h -> h` applied to the hidden states at each block entry (after
+        `block_hook`, under the block's remat), e.g. a device mesh's sharding constraint.
 
     Returns:
       (`[B, S, D]` output of the last block, [`[B, S, D]` output of each captured block]).
@@ -264,6 +267,8 @@ class HeliosTransformer3DModel(nnx.Module):
       layer_state, layer_extra = xs
       if block_hook is not None:
         layer_state, h = block_hook(layer_state, layer_extra, h)
+      if constrain is not None:
+        h = constrain(h)
       return nnx.merge(graphdef, layer_state)(h, ctx), None
 
     if self.remat != "none":
@@ -285,7 +290,8 @@ class HeliosTransformer3DModel(nnx.Module):
   def __call__(self, hidden_states, timestep, encoder_hidden_states, indices_hidden_states=None,
                indices_latents_history_short=None, indices_latents_history_mid=None,
                indices_latents_history_long=None, latents_history_short=None,
-               latents_history_mid=None, latents_history_long=None):
+               latents_history_mid=None, latents_history_long=None, *,
+               constrain: Constraint | None = None):
     """Denoiser forward with the diffusers argument names and channel-first layouts.
 
     Args:
@@ -296,6 +302,7 @@ class HeliosTransformer3DModel(nnx.Module):
       indices_latents_history_{short,mid,long}: `[B, T_g]` RoPE frame indices per group.
       latents_history_{short,mid,long}: `[B, C, T_g, H_g, W_g]` clean history latents. A group
         is used only when both its latents and indices are given.
+      constrain: optional hidden-state constraint at each block entry (see `_run_blocks`).
 
     Returns:
       `[B, out_channels, T, H, W]` velocity in the model dtype.
@@ -314,13 +321,14 @@ class HeliosTransformer3DModel(nnx.Module):
         idx_short=indices_latents_history_short, idx_mid=indices_latents_history_mid,
         idx_long=indices_latents_history_long)
     y = self.forward_channels_last(to_cl(hidden_states), timestep, encoder_hidden_states,
-                                   indices_hidden_states, hist)
+                                   indices_hidden_states, hist, constrain=constrain)
     return jnp.moveaxis(y, -1, 1)
 
   def forward_channels_last(self, x: jax.Array, timestep: jax.Array, text: jax.Array,
                             frame_indices: jax.Array | None,
                             hist: memory.HistoryInputs, *, block_hook: BlockHook | None = None,
-                            block_extra: Any = None, capture_blocks: tuple[int, ...] = ()):
+                            block_extra: Any = None, capture_blocks: tuple[int, ...] = (),
+                            constrain: Constraint | None = None):
     """The forward on channels-last latents (what the sampler calls; no input validation).
 
     Args:
@@ -332,6 +340,7 @@ class HeliosTransformer3DModel(nnx.Module):
       block_hook: optional per-layer transform inside the block scan (see `_run_blocks`).
       block_extra: per-layer data for `block_hook`, leaves `[num_layers, ...]`.
       capture_blocks: 0-based blocks whose noisy-token outputs are also returned.
+      constrain: optional hidden-state constraint at each block entry (see `_run_blocks`).
 
     Returns:
       `[B, T, H, W, out_channels]` velocity in the model dtype; with `capture_blocks`, the pair
@@ -376,7 +385,8 @@ class HeliosTransformer3DModel(nnx.Module):
     ctx = BlockContext(text=text, mod_hist=tp0.astype(F32), mod_noisy=tp.astype(F32),
                        rope=(cos, sin), num_history=num_history, mod_split=mod_split)
 
-    x, feats = self._run_blocks(x, ctx, block_hook, block_extra, tuple(capture_blocks))
+    x, feats = self._run_blocks(x, ctx, block_hook, block_extra, tuple(capture_blocks),
+                                constrain)
 
     # Output head on the noisy tokens, unpatchify.
     y = self.proj_out(self.norm_out(x[:, num_history:], temb))    # [B, N, pt*ph*pw*C]
@@ -500,11 +510,14 @@ INPUT_NAMES = ("hidden_states", "timestep", "encoder_hidden_states", "indices_hi
                "latents_history_long")
 
 
-def transformer_forward(graphdef: nnx.GraphDef, params: nnx.State,
-                        inputs: Mapping[str, Any]) -> jax.Array:
-  """Pure forward: (static graphdef, params, dict of `INPUT_NAMES` arrays) -> velocity."""
+def transformer_forward(graphdef: nnx.GraphDef, params: nnx.State, inputs: Mapping[str, Any],
+                        constrain: Constraint | None = None) -> jax.Array:
+  """Pure forward: (static graphdef, params, dict of `INPUT_NAMES` arrays) -> velocity.
+
+  `constrain` (static under jit) is the optional hidden-state constraint at each block entry.
+  """
   model = nnx.merge(graphdef, params)
-  return model(**inputs)
+  return model(**inputs, constrain=constrain)
 
 
 class HeliosTransformer:
@@ -513,14 +526,16 @@ class HeliosTransformer:
   Attributes:
     config: `HeliosTransformerConfig`.
     graphdef, params: the `nnx.split` of the module.
-    forward: `jax.jit(transformer_forward)` with graphdef bound: `forward(params, inputs)`.
+    forward: `jax.jit(transformer_forward)` with graphdef bound:
+      `forward(params, inputs, constrain=None)` (`constrain` static).
   """
 
   def __init__(self, config: HeliosTransformerConfig, model: HeliosTransformer3DModel):
     self.config = config
     self.dtype = model.dtype
     self.graphdef, self.params = nnx.split(model)
-    self.forward = jax.jit(functools.partial(transformer_forward, self.graphdef))
+    self.forward = jax.jit(functools.partial(transformer_forward, self.graphdef),
+                           static_argnames=("constrain",))
 
   def module(self) -> HeliosTransformer3DModel:
     return nnx.merge(self.graphdef, self.params)

@@ -113,6 +113,16 @@ def unipc_step(state: UniPCState, x: jax.Array, v: jax.Array,
 # --------------------------------------------------------------------------------------- DMD
 
 
+def _per_sample(c, ndim: int, pieces: bool = False) -> jax.Array:
+  """A step coefficient of shape [] or [B] (plus a trailing [P] when `pieces`), reshaped to
+  broadcast against a rank-`ndim` sample [B, ...]."""
+  c = jnp.asarray(c)
+  lead = c.ndim - int(pieces)
+  if lead == 0:
+    return c
+  return c.reshape(c.shape[:lead] + (1,) * (ndim - lead) + c.shape[lead:])
+
+
 def dmd_step(x: jax.Array, v: jax.Array, start: jax.Array,
              step: DMDTable) -> tuple[jax.Array, jax.Array]:
   """One `HeliosDMDScheduler.step`: x0 estimate, then re-noise towards the stage start point.
@@ -126,22 +136,24 @@ def dmd_step(x: jax.Array, v: jax.Array, start: jax.Array,
     v: [B, T, H, W, C] velocity (model output dtype).
     start: [B, T, H, W, C] the stage's start point P_k (the injected "noise": stage-0
       downsampled noise, or the renoised upsampled previous output).
-    step: one step of a `DMDTable`.
+    step: one step of a `DMDTable`; its coefficients are scalars, or `[B]` per sample (the
+      Stage 3 rollout, where each sample follows its own schedule).
 
   Returns:
     (x_next, x0): x_next = (1 - sigma_next) x0 + sigma_next P_k in the dtype of `start`
     (equal to x0 at the stage's last step); x0 = x - sigma v in the dtype of `v`.
   """
+  n = x.ndim
   if _numerics.wide_dtype() == jnp.float64:
     f64 = jnp.float64
-    x0 = _numerics.round_to(
-        x.astype(f64) - jnp.asarray(step.sigma).astype(f64) * v.astype(f64), v.dtype)
-    xn = (jnp.asarray(step.keep_next).astype(f64) * x0.astype(f64)
-          + jnp.asarray(step.sigma_next).astype(f64) * start.astype(f64))
+    coef = lambda c: _per_sample(c, n).astype(f64)
+    x0 = _numerics.round_to(x.astype(f64) - coef(step.sigma) * v.astype(f64), v.dtype)
+    xn = coef(step.keep_next) * x0.astype(f64) + coef(step.sigma_next) * start.astype(f64)
     return _numerics.round_to(xn, start.dtype), x0
-  x0 = _numerics.exact_affine([(None, x), (-step.sigma_split, v)], v.dtype)
-  xn = _numerics.exact_affine([(step.keep_next_split, x0), (step.sigma_next_split, start)],
-                              start.dtype)
+  pieces = lambda c: _per_sample(c, n, pieces=True)
+  x0 = _numerics.exact_affine([(None, x), (-pieces(step.sigma_split), v)], v.dtype)
+  xn = _numerics.exact_affine([(pieces(step.keep_next_split), x0),
+                               (pieces(step.sigma_next_split), start)], start.dtype)
   return xn, x0
 
 
@@ -198,23 +210,53 @@ def run_unipc(x: jax.Array, table: UniPCTable, denoise: Denoise,
   return (x, states) if return_states else x
 
 
-def run_dmd(start: jax.Array, table: DMDTable, denoise: Denoise) -> jax.Array:
-  """All DMD steps of a pyramid stage.
+def run_dmd(start: jax.Array, table: DMDTable, denoise: Denoise,
+            exit_step: jax.Array | None = None,
+            denoise_nograd: Denoise | None = None) -> jax.Array:
+  """All DMD steps of a pyramid stage, or (with `exit_step`) the steps up to a random exit.
+
+  With `exit_step` (the Stage 3 staged backward simulation, spec training.md §7.5) sample b
+  runs its steps i < exit_step[b] without gradient (`denoise_nograd`, re-noising towards the
+  stop-gradient start point), then its exit step with `denoise`; that step's x0 is the stage
+  output. Gradient therefore reaches the stage's start point only through samples whose exit
+  is step 0. Every field of `table` then carries a batch axis after the step axis
+  (`[N, B, ...]`: each sample follows its own schedule).
 
   Args:
     start: [B, T, H, W, C] stage start point P_k (fp32 for stage 0, model dtype later).
-    table: `dmd_table(schedule)`.
+    table: `dmd_table(schedule)` (`[N, B, ...]` fields with `exit_step`).
     denoise: `denoise(x, step) -> v`.
+    exit_step: optional `[B]` int32 exit step of every sample (< its schedule's length).
+    denoise_nograd: with `exit_step`: the same velocity without gradient to any parameter
+      (the steps before the exit run in a dynamic-length loop, which cannot be
+      differentiated).
 
   Returns:
-    [B, T, H, W, C] the last x0 estimate (stage output), in the model output dtype.
+    [B, T, H, W, C] the last x0 estimate (stage output), in the model output dtype; with
+    `exit_step`, the exit step's x0 (model output dtype).
   """
-  out_dtype = jax.eval_shape(denoise, start, _first(table)).dtype
+  if exit_step is None:
+    out_dtype = jax.eval_shape(denoise, start, _first(table)).dtype
 
-  def body(x, step):
-    x_next, _ = dmd_step(x, denoise(x, step), start, step)
-    return x_next, None
+    def body(x, step):
+      x_next, _ = dmd_step(x, denoise(x, step), start, step)
+      return x_next, None
 
-  # The last step has sigma_next = 0, so its x_next is exactly its x0 (stored in the start
-  # point's dtype, which holds every model-dtype value exactly).
-  return jax.lax.scan(body, start, table)[0].astype(out_dtype)
+    # The last step has sigma_next = 0, so its x_next is exactly its x0 (stored in the start
+    # point's dtype, which holds every model-dtype value exactly).
+    return jax.lax.scan(body, start, table)[0].astype(out_dtype)
+
+  if denoise_nograd is None:
+    raise ValueError("run_dmd with exit_step needs denoise_nograd for the steps before the exit")
+  start_ng = jax.lax.stop_gradient(start)
+
+  def pre_exit(i, x):
+    step = jax.tree.map(lambda a: a[i], table)
+    x_next, _ = dmd_step(x, denoise_nograd(x, step), start_ng, step)
+    return jnp.where(_per_sample(i < exit_step, x.ndim), x_next, x)
+
+  pre = jax.lax.stop_gradient(
+      jax.lax.fori_loop(0, jnp.max(exit_step), pre_exit, start_ng))
+  x = jnp.where(_per_sample(exit_step == 0, start.ndim), start, pre)
+  step = jax.tree.map(lambda a: a[exit_step, jnp.arange(start.shape[0])], table)
+  return dmd_step(x, denoise(x, step), start_ng, step)[1]

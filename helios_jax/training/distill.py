@@ -46,8 +46,10 @@ from helios_jax import sampling
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.schedulers import tables
 from helios_jax.training import corrupt as corrupt_lib
+from helios_jax.training import gan as gan_lib
 from helios_jax.training import losses
 from helios_jax.training import sample as sample_lib
+from helios_jax.training import settings
 from helios_jax.training import student as student_lib
 
 F32 = jnp.float32
@@ -56,7 +58,7 @@ ModelFn = Callable[..., jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Stage3Config:
-  """Static Stage 3 settings (spec §7.0 columns S3-ODE / S3-post, §11.1 `stage3` group).
+  """Stage 3 settings, the `stage3` config group (spec §7.0 columns S3-ODE / S3-post, §11.1).
 
   Attributes:
     student_steps: student steps per pyramid stage ((2, 2, 2): 6 calls per chunk).
@@ -69,15 +71,16 @@ class Stage3Config:
       uniform over `beta_anneal_steps` (4, 1.5, 500).
     t_clamp: scoring timesteps clamped to this range ([20, 980]).
     critic_u_min: critic u ~ U(critic_u_min, 1) (0.001).
-    gan: GAN variant on.
-    gan_start_step: GAN losses active from this step (1000).
-    gan_g_weight, gan_d_weight: 0.05 / 0.01.
-    r1_weight, r1_sigma: approximate R1 (100, 0.1).
-    gan_crop: spatial crop fraction of D inputs (0.5).
-    gan_blocks: 0-based blocks whose hidden states feed the heads (plus the final output).
-    drop: conditioning drop of the two section draws.
-    corrupt: history corruption (noise / blur) seen by every network.
-    saturation: saturation applied inside the student rollout only.
+    gan: the GAN variant's settings (`stage3.gan`, off by default).
+    negative_text: `.npy` [L, D] of the negative prompt's embedding ("" -> zeros).
+    record_tiny_pairs: CPU miniature (ODE regression with an empty `data.data_dir`): before
+      training, record a small ODE-pair dataset of the run's own base model (the teacher) into
+      `<workdir>/tiny_pairs` (`trainer.record_tiny_pairs`).
+    drop: conditioning drop of the two section draws (derived: the `drop` group).
+    corrupt: history corruption (noise / blur) seen by every network (derived: the `corrupt`
+      group without saturation).
+    saturation: saturation applied inside the student rollout only (derived:
+      `corrupt.saturation`).
   """
 
   student_steps: tuple[int, ...] = (2, 2, 2)
@@ -91,17 +94,13 @@ class Stage3Config:
   beta_anneal_steps: int = 500
   t_clamp: tuple[float, float] = (20.0, 980.0)
   critic_u_min: float = 0.001
-  gan: bool = False
-  gan_start_step: int = 1000
-  gan_g_weight: float = 0.05
-  gan_d_weight: float = 0.01
-  r1_weight: float = 100.0
-  r1_sigma: float = 0.1
-  gan_crop: float = 0.5
-  gan_blocks: tuple[int, ...] = ()
-  drop: sample_lib.DropConfig = sample_lib.DropConfig(p_t2v=0.4, p_i2v=0.0, p_v2v=0.5)
-  corrupt: corrupt_lib.CorruptConfig = corrupt_lib.CorruptConfig()
-  saturation: bool = True
+  gan: gan_lib.GanConfig = gan_lib.GanConfig()
+  negative_text: str = ""
+  record_tiny_pairs: bool = False
+  drop: sample_lib.DropConfig = settings.derived(
+      sample_lib.DropConfig(p_t2v=0.4, p_i2v=0.0, p_v2v=0.5))
+  corrupt: corrupt_lib.CorruptConfig = settings.derived(corrupt_lib.CorruptConfig())
+  saturation: bool = settings.derived(True)
 
   def __post_init__(self):
     if len(self.student_steps) != pyr.NUM_STAGES or min(self.student_steps) < 1:
@@ -113,8 +112,6 @@ class Stage3Config:
     lo, hi = self.t_clamp
     if not 0 <= lo < hi <= 1000:
       raise ValueError(f"t_clamp={self.t_clamp} must satisfy 0 <= lo < hi <= 1000")
-    if not 0 < self.gan_crop <= 1:
-      raise ValueError(f"gan_crop={self.gan_crop} must be in (0, 1]")
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,29 +145,46 @@ def prepare_history(key: jax.Array, batch: dict[str, jax.Array], cfg: Stage3Conf
 # Staged backward simulation.
 
 
-def _stage_arrays(plain: student_lib.StageSchedule, amp: student_lib.StageSchedule):
-  """Per-step (t, sigma, sigma_next) of the plain and amplified schedules, padded to 2n."""
-  m = max(plain.num_steps, amp.num_steps)
+def _student_table(stage: student_lib.StageSchedule) -> tables.DMDTable:
+  """The DMD steps of one student stage, every sigma by nearest-timestep lookup in the stage's
+  shifted table (`StageSchedule.sigmas`; sigma_next = the next step's, 0 after the last)."""
+  sched = tables.Schedule(timesteps=np.asarray(stage.timesteps, np.float64),
+                          sigmas=np.append(stage.sigmas, 0.0), stage_index=stage.level)
+  # `dmd_table` takes each step's sigma from the schedule entry nearest to its truncated
+  # timestep: the step itself while the steps lie more than 1 apart (checked below).
+  table = tables.dmd_table(sched)
+  if not np.array_equal(table.sigma, stage.sigmas):
+    raise ValueError(f"student stage {stage.level}: timesteps {stage.timesteps} lie too close "
+                     "together for a DMD table")
+  return table
 
-  def cols(s):
-    t = np.asarray(s.timesteps, np.float64)
-    sig = s.sigmas
-    nxt = np.concatenate([sig[1:], [0.0]])
-    pad = lambda a: np.concatenate([a, np.full(m - a.shape[0], a[-1])])
-    return pad(t), pad(sig), pad(nxt)
 
-  return [np.stack(pair).astype(np.float32) for pair in zip(cols(plain), cols(amp))]
+def _per_sample_table(plain: student_lib.StageSchedule, ampl: student_lib.StageSchedule,
+                      amp: jax.Array) -> tables.DMDTable:
+  """`[m, B, ...]` DMD steps of one stage: sample b follows the amplified schedule where
+  `amp[b]`, else the plain one; the shorter schedule is padded with its last step (never run:
+  exits lie below each sample's step count)."""
+  rows = [_student_table(plain), _student_table(ampl)]
+  m = max(plain.num_steps, ampl.num_steps)
+  pad = lambda a: np.concatenate([a, np.repeat(a[-1:], m - a.shape[0], axis=0)])
+
+  def pick(p, a):
+    sel = amp.reshape((1, -1) + (1,) * (np.ndim(p) - 1))
+    return jnp.where(sel, jnp.asarray(pad(a))[:, None], jnp.asarray(pad(p))[:, None])
+
+  return jax.tree.map(pick, *rows)
 
 
 def rollout(gen_fn: ModelFn, gen_fn_nograd: ModelFn, key: jax.Array, text: jax.Array, hist,
             zero_history: jax.Array, eps: jax.Array, cfg: Stage3Config) -> tuple[jax.Array, dict]:
   """The student's staged backward simulation of one chunk (spec §7.5).
 
-  Stage k starts from the pyramid start point s_k (stage 0: the twice-downsampled noise; later:
-  upsampled previous endpoint + block-noise renoise). One exit index e_k is drawn per stage
-  (shared by the batch, as the reference's rank-synced flag; e_k < each sample's step count);
-  the e_k steps before it run without gradient (x <- (1 - sigma') x0 + sigma' s_k), the exit
-  step runs with gradient and its x0 is the stage endpoint.
+  The samplers' stage loop (`sampling.run_stages`, DMD with exit steps): stage k starts from
+  the pyramid start point s_k (stage 0: the twice-downsampled noise; later: upsampled previous
+  endpoint + block-noise renoise). One exit index e_k is drawn per stage (one uniform shared by
+  the batch, as the reference's rank-synced flag; e_k < each sample's step count); the e_k
+  steps before it run without gradient (`schedulers.dmd_step`: x <- (1 - sigma') x0 +
+  sigma' s_k), the exit step runs with gradient and its x0 is the stage endpoint.
 
   Args:
     gen_fn: generator forward (gradient flows to its trainables).
@@ -185,42 +199,31 @@ def rollout(gen_fn: ModelFn, gen_fn_nograd: ModelFn, key: jax.Array, text: jax.A
   Returns:
     (x_hat `[B, 9, H, W, C]` fp32 with gradient to the generator, {"exit{k}": e_k}).
   """
-  b, t_frames, h, w, _ = eps.shape
+  b, t_frames, h, w, c = eps.shape
   plain = student_lib.student_schedule(tuple(cfg.student_steps), h, w, False)
   ampl = student_lib.student_schedule(tuple(cfg.student_steps), h, w, True)
   const = pyr.HELIOS_PYRAMID
+  n = const.num_stages
   amp = zero_history & cfg.amplify_first_chunk                       # [B]
-  idx = sample_lib.noisy_indices(b)
-  keys = jax.random.split(key, 2 * const.num_stages)
-  x = pyr.noise_pyramid_start(eps.astype(F32), const.num_stages)
-  aux = {}
-  for k in range(const.num_stages):
-    if k:
-      z = jax.random.normal(keys[2 * k + 1], x.shape + (4,), F32)
-      x = pyr.stage_transition(x, z, k, const, noise_dtype=F32)
-    start = x
-    t_tab, s_tab, n_tab = (jnp.asarray(a) for a in _stage_arrays(plain[k], ampl[k]))
+  keys = jax.random.split(key, 2 * n)
+  sizes = pyr.stage_latent_sizes(h, w, n)
+  block = tuple(jax.random.normal(keys[2 * k + 1], (b, t_frames, *sizes[k - 1], c, 4), F32)
+                for k in range(1, n))
+  exits = []
+  for k in range(n):
     n_steps = jnp.where(amp, ampl[k].num_steps, plain[k].num_steps)  # [B]
     u = jax.random.uniform(keys[2 * k], (), F32)
-    e = jnp.minimum(jnp.floor(u * n_steps).astype(jnp.int32), n_steps - 1)  # [B]
-    sel = amp.astype(jnp.int32)
-    pick = lambda tab, i: tab[sel, i]                                   # [B]
-    start_ng = jax.lax.stop_gradient(start)
+    exits.append(jnp.minimum(jnp.floor(u * n_steps).astype(jnp.int32), n_steps - 1))
+  idx = sample_lib.noisy_indices(b)
 
-    def body(i, xc, e=e, pick=pick, t_tab=t_tab, s_tab=s_tab, n_tab=n_tab, start_ng=start_ng):
-      ii = jnp.full((b,), i, jnp.int32)
-      t_i = pick(t_tab, ii)
-      x0 = student_lib.flow_to_x0(gen_fn_nograd(xc, t_i, text, idx, hist), xc, pick(s_tab, ii))
-      sn = pick(n_tab, ii)[:, None, None, None, None]
-      x_next = (1.0 - sn) * x0 + sn * start_ng
-      return jnp.where((i < e)[:, None, None, None, None], x_next, xc)
+  def denoiser(model_fn):  # training convention: float timesteps (quirk 14), fp32 velocity
+    return lambda x, step: model_fn(x, step.timestep.astype(F32), text, idx, hist).astype(F32)
 
-    pre = jax.lax.stop_gradient(jax.lax.fori_loop(0, jnp.max(e), body, start_ng))
-    x_in = jnp.where((e == 0)[:, None, None, None, None], start, pre)
-    v = gen_fn(x_in, pick(t_tab, e), text, idx, hist)
-    x = student_lib.flow_to_x0(v, x_in, pick(s_tab, e))
-    aux[f"exit{k}"] = jnp.mean(e.astype(F32))
-  return x, aux
+  traj = sampling.run_stages(
+      eps, [_per_sample_table(plain[k], ampl[k], amp) for k in range(n)],
+      [denoiser(gen_fn)] * n, "dmd", block=block, constants=const, noise_dtype=F32,
+      exits=exits, denoise_nograd=[denoiser(gen_fn_nograd)] * n)
+  return traj.output, {f"exit{k}": jnp.mean(e.astype(F32)) for k, e in enumerate(exits)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def generator_dmd_loss(gen_fn, gen_fn_nograd, real_fn, fake_fn, batch, neg_text,
     step: the global step (timestep annealing, GAN start).
     cfg: settings.
     gan_g_fn: optional `(x_noisy, t, text, hist, key) -> G loss` (the frozen discriminator's
-      cached-gradient generator loss), active from `cfg.gan_start_step`.
+      cached-gradient generator loss), active from `cfg.gan.start_step`.
 
   Returns:
     (loss, aux).
@@ -416,10 +419,10 @@ def generator_dmd_loss(gen_fn, gen_fn_nograd, real_fn, fake_fn, batch, neg_text,
   loss, g = dmd_loss(x_hat, f, r)
   aux = {**aux, **stats, "dmd_loss": loss, "dmd_t_mean": jnp.mean(t),
          "dmd_grad_abs": jnp.mean(jnp.abs(g))}
-  if cfg.gan and gan_g_fn is not None:
+  if cfg.gan.enabled and gan_g_fn is not None:
     fresh = jax.random.normal(k_fresh, x_hat.shape, F32)
     x_g = (1.0 - s) * x_hat + s * fresh
-    active = jnp.asarray(step) >= cfg.gan_start_step
+    active = jnp.asarray(step) >= cfg.gan.start_step
     g_loss = jax.lax.cond(active, lambda: gan_g_fn(x_g, t, text, hist, k_gan),
                           lambda: jnp.zeros((), F32))
     loss = loss + g_loss
@@ -455,10 +458,10 @@ def critic_loss(gen_fn_nograd, fake_fn, batch2, batch1, key, step, cfg: Stage3Co
   noise = jax.random.normal(k_noise, x_hat.shape, F32)
   loss, x_c = critic_flow_loss(fake_fn, x_hat, noise, t, sigma, text, hist)
   aux = {"critic_fm_loss": loss, "critic_t_mean": jnp.mean(t)}
-  if cfg.gan and gan_d_fn is not None:
+  if cfg.gan.enabled and gan_d_fn is not None:
     s = student_lib.per_sample(sigma, x_hat)
     real_t = (1.0 - s) * batch1["target"].astype(F32) + s * noise
-    active = jnp.asarray(step) >= cfg.gan_start_step
+    active = jnp.asarray(step) >= cfg.gan.start_step
     d_loss, r1 = jax.lax.cond(active, lambda: gan_d_fn(x_c, real_t, t, text, hist, k_gan),
                               lambda: (jnp.zeros((), F32), jnp.zeros((), F32)))
     loss = loss + d_loss + r1

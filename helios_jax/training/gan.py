@@ -57,32 +57,41 @@ GN_EPS = 1e-5  # torch nn.GroupNorm default
 
 @dataclasses.dataclass(frozen=True)
 class GanConfig:
-  """Stage-3 GAN settings of `stage_3_post_gan_version.yaml` (spec §7.6).
+  """Stage-3 GAN settings of `stage_3_post_gan_version.yaml` (spec §7.6; the `stage3.gan` group).
 
   Attributes:
-    start_step: first global step with GAN losses (`gan_start_step`).
-    g_weight: generator (non-saturating) loss weight.
-    d_weight: discriminator loss weight (each of the fake and real terms).
-    r1_weight: approximate-R1 weight (`aprox_r1`).
-    r1_noise: std multiplier of the R1 input perturbation (real + r1_noise * eps').
-    crop_scale: spatial crop fraction of the noisy latent.
-    head_width: channels of every head.
-    head_groups: GroupNorm groups of every head.
+    enabled: the GAN variant (`is_use_gan`).
+    start_step: first global step with GAN losses (`gan_start_step`, 1000).
+    g_weight: generator (non-saturating) loss weight (0.05).
+    d_weight: discriminator loss weight, each of the fake and real terms (0.01).
+    r1_weight: approximate-R1 weight (`aprox_r1`, 100).
+    r1_sigma: std of the R1 input perturbation (real + r1_sigma * eps', 0.1).
+    crop: spatial crop fraction of every D input (0.5).
+    blocks: 0-based blocks whose hidden states feed the heads, plus the final output
+      (() -> `head_blocks(num_layers)`: (5, 15, 25, 35) scaled to the model depth).
+    head_width: channels of every head (768).
+    head_groups: GroupNorm groups of every head (32).
+    head_seed: seed of the heads' initialisation.
   """
 
+  enabled: bool = False
   start_step: int = 1000
   g_weight: float = 0.05
   d_weight: float = 0.01
   r1_weight: float = 100.0
-  r1_noise: float = 0.1
-  crop_scale: float = 0.5
+  r1_sigma: float = 0.1
+  crop: float = 0.5
+  blocks: tuple[int, ...] = ()
   head_width: int = 768
   head_groups: int = 32
+  head_seed: int = 0
 
   def __post_init__(self):
     _check_groups(self.head_width, self.head_groups)
-    if not 0.0 < self.crop_scale <= 1.0:
-      raise ValueError(f"crop_scale={self.crop_scale} must be in (0, 1]")
+    if not 0.0 < self.crop <= 1.0:
+      raise ValueError(f"crop={self.crop} must be in (0, 1]")
+    if min(self.blocks, default=0) < 0:
+      raise ValueError(f"blocks={self.blocks} must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ lead asked for (functional, no module surgery) and has the same parameter gradie
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ class TrainableSpec:
       projection, text projection, proj_out; PEFT "all-linear").
     patch_embedding: "lora" | "full" | "frozen" for the noisy-window stem.
     memory_patches: "lora" | "full" | "frozen" for patch_short/mid/long.
-    init_std: std of A (None: 1 / r, spec §7.1).
+    init_std: std of A (<= 0: 1 / r, spec §7.1).
   """
 
   rank: int = 128
@@ -60,7 +60,7 @@ class TrainableSpec:
   linears: str = "lora"
   patch_embedding: str = "lora"
   memory_patches: str = "full"
-  init_std: float | None = None
+  init_std: float = 0.0
 
   def __post_init__(self):
     if int(self.rank) < 1:
@@ -74,15 +74,6 @@ class TrainableSpec:
   @property
   def scale(self) -> float:
     return float(self.alpha) / float(self.rank)
-
-  @classmethod
-  def from_config(cls, cfg: Mapping[str, Any]) -> "TrainableSpec":
-    """From an experiment's `trainable` group (`lora_init_std` <= 0 or absent: 1 / rank)."""
-    std = cfg.get("lora_init_std")
-    return cls(rank=int(cfg["lora_rank"]), alpha=float(cfg["lora_alpha"]),
-               linears=str(cfg["linears"]), patch_embedding=str(cfg["patch_embedding"]),
-               memory_patches=str(cfg["memory_patches"]),
-               init_std=float(std) if std is not None and float(std) > 0 else None)
 
 
 def _is_stem(path: tuple[str, ...]) -> str | None:
@@ -149,7 +140,7 @@ def init_trainables(base: Mapping[str, Any], spec: TrainableSpec, key: jax.Array
   """
   lora: dict[str, Any] = {}
   full: dict[str, Any] = {}
-  std = (1.0 / spec.rank) if spec.init_std is None else float(spec.init_std)
+  std = (1.0 / spec.rank) if spec.init_std <= 0 else float(spec.init_std)
   modules = sorted(plan(base, spec).items())
   keys = jax.random.split(key, max(len(modules), 1))
   for k, (module, mode) in zip(keys, modules):
@@ -237,14 +228,11 @@ def effective_params(base: Mapping[str, Any], trainables: Mapping[str, Any],
   return params, block_extra
 
 
-def block_hook(spec: TrainableSpec,
-               constrain: Callable[[jax.Array], jax.Array] | None = None):
+def block_hook(spec: TrainableSpec):
   """The transformer's per-layer hook: merges one layer's LoRA factors into its kernels.
 
   Args:
     spec: the trainable spec (scale).
-    constrain: optional function applied to the hidden states `[B, S, D]` before each block
-      (e.g. a sharding constraint for context parallelism).
 
   Returns:
     `hook(layer_state, layer_lora, h) -> (layer_params, h)` for `forward_channels_last`.
@@ -262,8 +250,6 @@ def block_hook(spec: TrainableSpec,
                                                       _get(layer_lora, module), spec.scale))
         del leaf
       layer_state = params
-    if constrain is not None:
-      h = constrain(h)
     return layer_state, h
 
   return hook

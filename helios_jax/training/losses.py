@@ -39,6 +39,7 @@ from helios_jax.constants import CHUNK_LATENT_FRAMES, HISTORY_SIZES
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.training import corrupt as corrupt_lib
 from helios_jax.training import sample as sample_lib
+from helios_jax.training import settings
 
 F32 = jnp.float32
 NUM_TRAIN_TIMESTEPS = pyr.NUM_TRAIN_TIMESTEPS
@@ -58,18 +59,18 @@ class ObjectiveConfig:
     logit_mean, logit_std: Stage 1 logit-normal parameters (0, 1).
     multiplicities: Stage 2 draws per pyramid level, lowest resolution first ([1, 2, 1] init,
       [1, 1, 1] post).
-    drop: conditioning drop.
-    corrupt: history corruption.
     caption_dropout: text-embedding dropout probability (0 in released configs).
+    drop: conditioning drop (derived: the `drop` group).
+    corrupt: history corruption (derived: the `corrupt` group).
   """
 
   kind: str = "flow_matching"
   logit_mean: float = 0.0
   logit_std: float = 1.0
   multiplicities: tuple[int, ...] = (1, 2, 1)
-  drop: sample_lib.DropConfig = sample_lib.DropConfig()
-  corrupt: corrupt_lib.CorruptConfig = corrupt_lib.CorruptConfig()
   caption_dropout: float = 0.0
+  drop: sample_lib.DropConfig = settings.derived(sample_lib.DropConfig())
+  corrupt: corrupt_lib.CorruptConfig = settings.derived(corrupt_lib.CorruptConfig())
 
   def __post_init__(self):
     if self.kind not in OBJECTIVES and self.kind not in STAGE3_KINDS:

@@ -59,17 +59,6 @@ class BaseModelConfig:
   seed: int = 0
   init_memory_from_patch_embedding: bool = True
 
-  @classmethod
-  def from_config(cls, m: Any) -> "BaseModelConfig":
-    """From an experiment's `model` (or `score_model`) group."""
-    return cls(
-        init_from=str(m.init_from), init_format=str(m.init_format), preset=str(m.preset),
-        overrides=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                               for k, v in m.overrides.items())),
-        param_dtype=str(m.param_dtype), remat=str(m.remat), attention=str(m.attention),
-        seed=int(m.seed),
-        init_memory_from_patch_embedding=bool(m.init_memory_from_patch_embedding))
-
   def __post_init__(self):
     if self.init_format not in INIT_FORMATS:
       raise ConfigError(f"init_format={self.init_format!r} must be one of {INIT_FORMATS}")

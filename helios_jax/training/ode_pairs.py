@@ -296,6 +296,9 @@ def record_section(graphdef: nnx.GraphDef, oc: OdeConfig, first_section: bool,
                    chol: jax.Array | None = None) -> SectionRecord:
   """Runs the teacher over the pyramid stages of one section and records its ODE pairs.
 
+  The teacher runs the samplers' stage loop (`sampling.run_stages`, UniPC) over the augmented
+  schedules, recording the states before the `record_index` steps.
+
   Args:
     graphdef, params: `nnx.split` of the teacher transformer (static graphdef).
     oc: static teacher settings.
@@ -315,18 +318,16 @@ def record_section(graphdef: nnx.GraphDef, oc: OdeConfig, first_section: bool,
   dt = nnx.merge(graphdef, params).dtype
   # The pyramid pipelines (the ODE one included) feed the truncated integer timestep.
   denoise = sampling.denoiser(graphdef, params, oc.sampler_config(), text, neg_text, state)
-  const = pyr.constants_for(oc.scheduler)
-  x = hs.noise_pyramid_start(noise.eps.astype(F32), oc.num_stages)
-  xts, ts, ends = [], [], []
-  for k, stage in enumerate(oc.stages(first_section)):
-    if k:
-      x = hs.stage_transition(x, noise.block[k - 1], k, const, chol=chol, noise_dtype=dt)
-    x, states = hs.run_unipc(x, hs.unipc_table(oc.scheduler, stage.schedule), denoise,
-                             return_states=True)
-    xts.append(jnp.moveaxis(states[np.asarray(stage.record_index)], 0, 1).astype(F32))
-    ts.append(jnp.asarray(stage.recorded_timesteps, F32))
-    ends.append(x.astype(F32))
-  return SectionRecord(xt=tuple(xts), t=tuple(ts), end=tuple(ends))
+  stages = oc.stages(first_section)
+  traj = sampling.run_stages(
+      noise.eps, [hs.unipc_table(oc.scheduler, s.schedule) for s in stages],
+      [denoise] * len(stages), "unipc", block=noise.block,
+      constants=pyr.constants_for(oc.scheduler), chol=chol, noise_dtype=dt,
+      record=[s.record_index for s in stages])
+  xts = tuple(x.astype(F32) for x in traj.states)
+  ts = tuple(jnp.asarray(s.recorded_timesteps, F32) for s in stages)
+  ends = tuple(x.astype(F32) for x in traj.ends)
+  return SectionRecord(xt=xts, t=ts, end=ends)
 
 
 # ------------------------------------------------------------------------------------------

@@ -42,13 +42,6 @@ class OptimConfig:
   grad_clip: float = 1.0
   lr_multipliers: tuple[tuple[str, float], ...] = (("lora", 1.0), ("full", 1.0))
 
-  @classmethod
-  def from_config(cls, o: Mapping[str, Any]) -> "OptimConfig":
-    """From an experiment's `optim` group."""
-    return cls(lr=float(o["lr"]), warmup_steps=int(o["warmup_steps"]), b1=float(o["b1"]),
-               b2=float(o["b2"]), eps=float(o["eps"]), weight_decay=float(o["weight_decay"]),
-               grad_clip=float(o["grad_clip"]))
-
   def __post_init__(self):
     if self.lr <= 0:
       raise ValueError(f"lr={self.lr} must be > 0")

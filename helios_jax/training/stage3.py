@@ -2,7 +2,8 @@
 
 The trainer (`trainer.py`) stays one loop for every stage; Stage 3 adds
 
-  * `Stage3Settings`: the `stage3`, `critic`, `score_model`, `gan` and `ema` config groups;
+  * `CriticConfig` (the `critic` config group) and `EmaConfig` (`ema`); the `stage3` group is
+    `distill.Stage3Config` with its `stage3.gan` sub-group `gan.GanConfig`;
   * ODE regression: the single-group step of Stages 1-2 with `distill.ode_regression_loss` as
     the objective, plus the EMA of the trainables;
   * DMD: `init_dmd_state` / `make_dmd_step`, a step that updates two trainable groups with
@@ -32,7 +33,6 @@ from helios_jax.training import distill
 from helios_jax.training import gan
 from helios_jax.training import lora
 from helios_jax.training import losses
-from helios_jax.training import model as model_lib
 from helios_jax.training import optim
 from helios_jax.training import sample as sample_lib
 
@@ -42,69 +42,34 @@ EMPTY_TRAINABLES = {"lora": {}, "full": {}}
 
 @dataclasses.dataclass(frozen=True)
 class EmaConfig:
-  """EMA of the trainables (spec §7.5 formula): enabled, max decay, update_after_step."""
+  """EMA of the trainables (spec §7.5 formula), the `ema` config group.
+
+  Attributes:
+    enabled: keep an EMA of the trainables.
+    decay: maximum decay (0.99).
+    update_after_step: EMA updates before the warm-up decay starts.
+  """
 
   enabled: bool = False
   decay: float = 0.99
   update_after_step: int = 0
 
-  @classmethod
-  def from_config(cls, e) -> "EmaConfig":
-    return cls(enabled=bool(e.enabled), decay=float(e.decay),
-               update_after_step=int(e.update_after_step))
-
 
 @dataclasses.dataclass(frozen=True)
-class GanHeadConfig:
-  """Discriminator head widths (768 / GroupNorm 32 at full size)."""
+class CriticConfig:
+  """The DMD critic (fake score), the `critic` config group: its LoRA and its optimizer."""
 
-  width: int = 768
-  groups: int = 32
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage3Settings:
-  """Typed view of the Stage 3 config groups."""
-
-  loss: distill.Stage3Config
-  ema: EmaConfig
-  critic: lora.TrainableSpec | None = None
-  critic_optim: optim.OptimConfig | None = None
-  score_model: model_lib.BaseModelConfig | None = None
-  gan: GanHeadConfig = GanHeadConfig()
-  negative_text: str = ""
+  trainable: lora.TrainableSpec = lora.TrainableSpec()
+  optim: optim.OptimConfig = optim.OptimConfig()
 
 
-def settings_from_config(c, objective: losses.ObjectiveConfig) -> Stage3Settings:
-  """Parses the Stage 3 groups; the drop and corruption come from the parsed `objective`."""
-  s = c.stage3
-  loss = distill.Stage3Config(
-      student_steps=tuple(int(x) for x in s.student_steps),
-      amplify_first_chunk=bool(s.amplify_first_chunk), ode_weight=float(s.ode_weight),
-      ode_sections=int(s.ode_sections), gen_update_ratio=int(s.gen_update_ratio),
-      real_guidance=float(s.real_guidance), beta_a=float(s.beta_a), beta_b=float(s.beta_b),
-      beta_anneal_steps=int(s.beta_anneal_steps),
-      t_clamp=tuple(float(x) for x in s.t_clamp), critic_u_min=float(s.critic_u_min),
-      gan=bool(s.gan), gan_start_step=int(s.gan_start_step),
-      gan_g_weight=float(s.gan_g_weight), gan_d_weight=float(s.gan_d_weight),
-      r1_weight=float(s.r1_weight), r1_sigma=float(s.r1_sigma), gan_crop=float(s.gan_crop),
-      gan_blocks=tuple(int(x) for x in s.gan_blocks),
-      drop=objective.drop,
-      # saturation runs inside the rollout only (`distill.prepare_history`)
-      corrupt=dataclasses.replace(objective.corrupt, saturation=False),
-      saturation=objective.corrupt.saturation)
-  ema = EmaConfig.from_config(c.ema)
-  if objective.kind != "dmd":
-    return Stage3Settings(loss=loss, ema=ema)
-  g = c.stage3.heads
-  return Stage3Settings(loss=loss, ema=ema,
-                        critic=lora.TrainableSpec.from_config(c.critic.trainable),
-                        critic_optim=optim.OptimConfig.from_config(c.critic.optim),
-                        score_model=model_lib.BaseModelConfig.from_config(c.score_model),
-                        gan=GanHeadConfig(width=int(g.width), groups=int(g.groups),
-                                          seed=int(g.seed)),
-                        negative_text=str(c.stage3.negative_text))
+def with_history_settings(cfg: distill.Stage3Config, objective: losses.ObjectiveConfig
+                          ) -> distill.Stage3Config:
+  """`cfg` with the drop and corruption of the parsed `objective` (saturation split off: it
+  runs inside the rollout only, `distill.prepare_history`)."""
+  return dataclasses.replace(cfg, drop=objective.drop,
+                             corrupt=dataclasses.replace(objective.corrupt, saturation=False),
+                             saturation=objective.corrupt.saturation)
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,17 +77,21 @@ def settings_from_config(c, objective: losses.ObjectiveConfig) -> Stage3Settings
 
 
 def forward_factory(graphdef: nnx.GraphDef, constrain=None):
-  """`make(base, trainables, spec, capture=()) -> model_fn` through the LoRA'd model."""
+  """`make(base, trainables, spec, capture=()) -> model_fn` through the LoRA'd model.
+
+  `constrain` is the DiT's hidden-state constraint at each block entry (the training mesh's
+  `sharding.token_constraint`; None: none).
+  """
 
   def make(base, trainables, spec: lora.TrainableSpec, capture=()):
     params, block_extra = lora.effective_params(base, trainables, spec)
     model = nnx.merge(graphdef, params)
-    hook = lora.block_hook(spec, constrain)
+    hook = lora.block_hook(spec)
 
     def model_fn(x, t, text, frame_idx, hist):
       return model.forward_channels_last(x, t, text, frame_idx, hist, block_hook=hook,
                                          block_extra=block_extra,
-                                         capture_blocks=tuple(capture))
+                                         capture_blocks=tuple(capture), constrain=constrain)
 
     return model_fn
 
@@ -166,34 +135,36 @@ def ema_step(state: dict[str, Any], new_trainables: Any, do_update: jax.Array,
 # DMD.
 
 
-def make_heads(model_config, cfg: Stage3Settings):
+def make_heads(model_config, cfg: gan.GanConfig):
   """(graphdef, fp32 params) of the GAN heads on the score backbone, and the captured blocks."""
-  blocks = tuple(cfg.loss.gan_blocks) or gan.head_blocks(model_config.num_layers)
+  blocks = tuple(cfg.blocks) or gan.head_blocks(model_config.num_layers)
   in_ch = tuple([model_config.inner_dim] * len(blocks)) + (model_config.out_dim,)
-  heads = gan.DiscriminatorHeads(in_ch, width=cfg.gan.width, groups=cfg.gan.groups,
-                                 rngs=nnx.Rngs(cfg.gan.seed))
+  heads = gan.DiscriminatorHeads(in_ch, width=cfg.head_width, groups=cfg.head_groups,
+                                 rngs=nnx.Rngs(cfg.head_seed))
   graphdef, state = nnx.split(heads)
   return graphdef, jax.tree.map(lambda x: jnp.asarray(x, F32), nnx.to_pure_dict(state)), blocks
 
 
-def init_critic(score_base, cfg: Stage3Settings, key, heads_params=None):
+def init_critic(score_base, spec: lora.TrainableSpec, key, heads_params=None):
   """Critic trainables: a zero-B LoRA on the score base (+ the GAN heads)."""
-  tr = lora.init_trainables(score_base, cfg.critic, key)
+  tr = lora.init_trainables(score_base, spec, key)
   if heads_params is not None:
     tr = dict(tr, gan=heads_params)
   return tr
 
 
-def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, critic_tx,
-                  cfg: Stage3Settings, gen_optim: optim.OptimConfig, constrain=None,
+def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec,
+                  critic_spec: lora.TrainableSpec, gen_tx, critic_tx, cfg: distill.Stage3Config,
+                  ema_cfg: EmaConfig, gen_optim: optim.OptimConfig, constrain=None,
                   heads_graphdef=None, gan_blocks=()):
   """The pure DMD step: (state, base, batch1, batch2) -> (state, metrics).
 
   Args:
     graphdef: the DiT graphdef (student and score bases share the architecture).
-    gen_spec: generator trainable spec.
+    gen_spec, critic_spec: generator / critic trainable specs.
     gen_tx, critic_tx: the two optax transformations.
-    cfg: Stage 3 settings.
+    cfg: Stage 3 settings (with the history settings, `with_history_settings`).
+    ema_cfg: generator EMA settings.
     gen_optim: generator optimizer config (for the logged lr).
     constrain: per-block hidden-state constraint (context parallelism) or None.
     heads_graphdef: GAN heads graphdef (GAN variant).
@@ -204,8 +175,7 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
     {"history", "anchor", "target", "text", "neg_text"}.
   """
   make = forward_factory(graphdef, constrain)
-  lc = cfg.loss
-  critic_spec = cfg.critic
+  gc = cfg.gan
 
   def disc_logits(score_base, critic_tr, x, t, text, hist):
     v, feats = make(score_base, critic_tr, critic_spec, gan_blocks)(
@@ -214,7 +184,7 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
     return heads(list(feats) + [v])                                   # [B, n_heads]
 
   def crop(key, x):
-    return gan.random_crop(key, x, lc.gan_crop, multiple=2)
+    return gan.random_crop(key, x, gc.crop, multiple=2)
 
   def gen_loss_fn(gen_tr, critic_tr, base, batch, key, step):
     gen_fn = make(base["student"], gen_tr, gen_spec)
@@ -223,36 +193,36 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
     real_fn = make(base["score"], EMPTY_TRAINABLES, critic_spec)
     fake_fn = make(base["score"], critic_ng, critic_spec)
     gan_g_fn = None
-    if lc.gan:
+    if gc.enabled:
       def gan_g_fn(x_g, t, text, hist, k):
         xc = crop(k, x_g)
         loss_of_x = lambda xx: gan.g_loss(
-            disc_logits(base["score"], critic_ng, xx, t, text, hist), lc.gan_g_weight)
+            disc_logits(base["score"], critic_ng, xx, t, text, hist), gc.g_weight)
         return gan.cached_grad_surrogate(loss_of_x, xc)[1]
     return distill.generator_dmd_loss(gen_fn, gen_ng, real_fn, fake_fn, batch,
-                                      batch["neg_text"], key, step, lc, gan_g_fn)
+                                      batch["neg_text"], key, step, cfg, gan_g_fn)
 
   def critic_loss_fn(critic_tr, gen_tr, base, batch2, batch1, key, step):
     gen_ng = make(base["student"], jax.lax.stop_gradient(gen_tr), gen_spec)
     fake_fn = make(base["score"], critic_tr, critic_spec)
     gan_d_fn = None
-    if lc.gan:
+    if gc.enabled:
       def gan_d_fn(x_fake, x_real, t, text, hist, k):
         k1, k2, k3, k4 = jax.random.split(k, 4)
-        pert = x_real + lc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
+        pert = x_real + gc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
         xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
         rep = lambda a: jnp.concatenate([a] * 3, axis=0)
         logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
                              losses.repeat_hist(hist, 3))
         lf, lr, lp = jnp.split(logits, 3, axis=0)
-        return gan.d_loss(lf, lr, lc.gan_d_weight), gan.approx_r1(lr, lp, lc.r1_weight)
-    return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, lc, gan_d_fn)
+        return gan.d_loss(lf, lr, gc.d_weight), gan.approx_r1(lr, lp, gc.r1_weight)
+    return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, cfg, gan_d_fn)
 
   def step_fn(state, base, batch1, batch2):
     step = state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_gen, k_critic = jax.random.split(key)
-    is_gen = (step % lc.gen_update_ratio) == 0
+    is_gen = (step % cfg.gen_update_ratio) == 0
     gen_tr, critic_tr = state["trainables"], state["critic"]
 
     def gen_update(_):
@@ -279,8 +249,8 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec, gen_tx, 
     ok = (jnp.isfinite(g_loss) & jnp.isfinite(g_norm) & jnp.isfinite(c_loss)
           & jnp.isfinite(c_norm))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    do_ema = ok & cfg.ema.enabled & (is_gen | (step < cfg.ema.update_after_step))
-    ema = ema_step(state, new_gen, do_ema, cfg.ema)
+    do_ema = ok & ema_cfg.enabled & (is_gen | (step < ema_cfg.update_after_step))
+    ema = ema_step(state, new_gen, do_ema, ema_cfg)
     new_state = dict(state, step=step + 1,
                      trainables=keep(new_gen, gen_tr),
                      opt_state=keep(new_gen_opt, state["opt_state"]),

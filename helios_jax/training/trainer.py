@@ -45,8 +45,12 @@ import optax
 from absl import logging
 from flax import nnx
 
+from helios_jax import sharding
+from helios_jax import checkpoint
 from helios_jax.config import ConfigError
+from helios_jax.text import MAX_SEQUENCE_LENGTH
 from helios_jax.data import ode_pairs
+from helios_jax.data import synthetic as synthetic_lib
 from helios_jax.data import pipeline as pipeline_lib
 from helios_jax.data.clips import DataError
 from helios_jax.schedulers import pyramid as pyr
@@ -56,13 +60,20 @@ from helios_jax.training import distill
 from helios_jax.training import lora
 from helios_jax.training import losses
 from helios_jax.training import model as model_lib
+from helios_jax.training import ode_pairs as ode_pairs_lib
 from helios_jax.training import optim
 from helios_jax.training import sample as sample_lib
-from helios_jax.training import sharding
+from helios_jax.training import settings
 from helios_jax.training import stage3 as stage3_lib
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+TINY_TEACHER_DIR = "tiny_teacher"
+TINY_PAIRS_DIR = "tiny_pairs"
+# The miniature's ODE pairs (`stage3.record_tiny_pairs`): synthetic prompts x sections, teacher
+# UniPC steps per stage (+ the student steps), CFG against zeros, noise seed.
+TINY_PAIRS = dict(num_prompts=2, num_sections=3, teacher_steps=3, guidance_scale=5.0,
+                  noise_seed=42)
 DEVICE_KEYS = ("history", "anchor", "target", "text")
 
 
@@ -78,18 +89,84 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """The typed view of an experiment config (validated once at start-up)."""
+class DataConfig:
+  """The input pipeline, the `data` config group.
 
-  seed: int
-  objective: losses.ObjectiveConfig
-  model: model_lib.BaseModelConfig
-  trainable: lora.TrainableSpec
-  optim: optim.OptimConfig
-  mesh: sharding.MeshConfig
-  data: ml_collections.ConfigDict
-  train: ml_collections.ConfigDict
-  stage3: stage3_lib.Stage3Settings | None = None
+  Attributes:
+    source: "tfds" (precomputed section latents), "synthetic" or "ode_pairs" (Stage 3a).
+    data_dir: TFDS data root / ODE-pair dataset folder.
+    split: TFDS split.
+    global_batch_size: > 0: the global batch; else per_device_batch_size x devices (quirk 11:
+      only per-device sizes are published).
+    per_device_batch_size: batch per device.
+    text_len: text rows of every sample (zero padded; umT5's 512, spec §7.0 "Common").
+    seed: shuffle seed (< 0: the run's seed).
+    num_threads, prefetch: grain worker threads / prefetched batches.
+    synthetic: the synthetic latents (`source="synthetic"`).
+  """
+
+  source: str = "tfds"
+  data_dir: str = ""
+  split: str = "train"
+  global_batch_size: int = 0
+  per_device_batch_size: int = 2
+  text_len: int = MAX_SEQUENCE_LENGTH
+  seed: int = -1
+  num_threads: int = 2
+  prefetch: int = 2
+  synthetic: synthetic_lib.SyntheticConfig = synthetic_lib.SyntheticConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop, the `train` config group.
+
+  Attributes:
+    num_steps: optimizer steps of the run.
+    log_every: stdout log interval (metrics.jsonl gets every step).
+    checkpoint_every: checkpoint interval (<= 0: only at the end).
+    keep_checkpoints: checkpoints kept.
+    async_checkpoint: asynchronous Orbax saves.
+    abort_at_step: fault injection (tests): SIGKILL after this step (0: off).
+    debug_nan_at_step: fault injection (tests): a NaN batch at this step (0: off).
+  """
+
+  num_steps: int = 1_000_000
+  log_every: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  abort_at_step: int = 0
+  debug_nan_at_step: int = 0
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ValueError(f"num_steps={self.num_steps} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The typed experiment config: one field per config group (validated once at start-up).
+
+  Stage 3 groups (`stage3`, `critic`, `score_model`) are None in Stages 1-2. `objective` and
+  `stage3` carry the `drop` / `corrupt` groups as derived fields.
+  """
+
+  stage: str = ""
+  seed: int = 0
+  objective: losses.ObjectiveConfig = losses.ObjectiveConfig()
+  model: model_lib.BaseModelConfig = model_lib.BaseModelConfig()
+  trainable: lora.TrainableSpec = lora.TrainableSpec()
+  data: DataConfig = DataConfig()
+  drop: sample_lib.DropConfig = sample_lib.DropConfig()
+  corrupt: corrupt_lib.CorruptConfig = corrupt_lib.CorruptConfig()
+  optim: optim.OptimConfig = optim.OptimConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: sharding.MeshConfig = sharding.MeshConfig()
+  ema: stage3_lib.EmaConfig = stage3_lib.EmaConfig()
+  stage3: distill.Stage3Config | None = None
+  critic: stage3_lib.CriticConfig | None = None
+  score_model: model_lib.BaseModelConfig | None = None
 
   @property
   def kind(self) -> str:
@@ -98,67 +175,98 @@ class Settings:
 
 def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
   """Builds and validates the typed settings; errors name the bad key and value."""
-  try:
-    c = config
-    drop = sample_lib.DropConfig(p_t2v=float(c.drop.p_t2v), p_i2v=float(c.drop.p_i2v),
-                                 p_v2v=float(c.drop.p_v2v), enabled=bool(c.drop.enabled))
-    cor = corrupt_lib.CorruptConfig(
-        mode=str(c.corrupt.mode), clean_prob=float(c.corrupt.clean_prob),
-        noise_prob=float(c.corrupt.noise_prob), sigma_max=float(c.corrupt.sigma_max),
-        blur_min=float(c.corrupt.blur_min), blur_max=float(c.corrupt.blur_max),
-        saturation=bool(c.corrupt.saturation),
-        saturation_keep_prob=float(c.corrupt.saturation_keep_prob))
-    obj = losses.ObjectiveConfig(
-        kind=str(c.objective.kind), logit_mean=float(c.objective.logit_mean),
-        logit_std=float(c.objective.logit_std),
-        multiplicities=tuple(int(m) for m in c.objective.multiplicities), drop=drop,
-        corrupt=cor, caption_dropout=float(c.objective.caption_dropout))
-    base = model_lib.BaseModelConfig.from_config(c.model)
-    spec = lora.TrainableSpec.from_config(c.trainable)
-    opt = optim.OptimConfig.from_config(c.optim)
-    mesh = sharding.MeshConfig(data=int(c.mesh.data), fsdp=int(c.mesh.fsdp),
-                               context=int(c.mesh.context))
-    s3 = None
-    if obj.kind in losses.STAGE3_KINDS:
-      s3 = stage3_lib.settings_from_config(c, obj)
-    elif c.get("ema") is not None and c.ema.enabled:
-      s3 = stage3_lib.Stage3Settings(loss=None, ema=stage3_lib.EmaConfig.from_config(c.ema))
-  except (AttributeError, KeyError) as e:
-    raise ConfigError(f"config is missing a key: {e}") from e
-  if int(c.train.num_steps) < 1:
-    raise ConfigError(f"train.num_steps={c.train.num_steps} must be >= 1")
-  sources = ("ode_pairs",) if obj.kind == "ode_regression" else ("tfds", "synthetic")
-  if c.data.source not in sources:
-    raise ConfigError(f"data.source={c.data.source!r} must be one of {sources} for objective "
+  st = settings.from_configdict(Settings, config)
+  obj = dataclasses.replace(st.objective, drop=st.drop, corrupt=st.corrupt)
+  s3 = st.stage3
+  if obj.kind in losses.STAGE3_KINDS:
+    s3 = stage3_lib.with_history_settings(s3 or distill.Stage3Config(), obj)
+  st = dataclasses.replace(st, objective=obj, stage3=s3)
+  if st.kind == "dmd" and (st.critic is None or st.score_model is None):
+    raise ConfigError("objective.kind='dmd' needs the `critic` and `score_model` groups")
+  if s3 is not None and s3.record_tiny_pairs and obj.kind != "ode_regression":
+    raise ConfigError(f"stage3.record_tiny_pairs is for objective 'ode_regression', not "
                       f"{obj.kind!r}")
-  return Settings(seed=int(c.seed), objective=obj, model=base, trainable=spec, optim=opt,
-                  mesh=mesh, data=c.data, train=c.train, stage3=s3)
+  sources = ("ode_pairs",) if obj.kind == "ode_regression" else ("tfds", "synthetic")
+  if st.data.source not in sources:
+    raise ConfigError(f"data.source={st.data.source!r} must be one of {sources} for objective "
+                      f"{obj.kind!r}")
+  return st
 
 
 # ------------------------------------------------------------------------------------------
 # Data.
 
 
-def make_source(data_cfg: ml_collections.ConfigDict):
+def make_source(data_cfg: DataConfig):
   """The record source named by `data.source`."""
   if data_cfg.source == "synthetic":
-    from helios_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    s = data_cfg.synthetic
-    return synthetic.SyntheticLatents(synthetic.SyntheticConfig(
-        num_clips=int(s.num_clips), sections=tuple(int(x) for x in s.sections),
-        height=int(s.height), width=int(s.width), channels=int(s.channels),
-        text_tokens=int(s.text_tokens), text_dim=int(s.text_dim), vocab=int(s.vocab),
-        seed=int(s.seed)))
+    return synthetic_lib.SyntheticLatents(data_cfg.synthetic)
   if data_cfg.source == "ode_pairs":
     if not data_cfg.data_dir:
       raise DataError("data.data_dir is empty: pass the ODE-pair dataset written by "
                       "`python -m helios_jax.training.ode_pairs --out=<dir>`")
-    return OdePairRecords(ode_pairs.OdePairsSource(str(data_cfg.data_dir)))
+    return OdePairRecords(ode_pairs.OdePairsSource(data_cfg.data_dir))
   from helios_jax.data import latents  # pylint: disable=g-import-not-at-top
   if not data_cfg.data_dir:
     raise DataError("data.data_dir is empty: pass --config.data.data_dir=<TFDS data root with "
                     "helios_latents/> (see `python -m helios_jax.data.precompute`)")
-  return latents.load_source(str(data_cfg.data_dir), str(data_cfg.split))
+  return latents.load_source(data_cfg.data_dir, data_cfg.split)
+
+
+def record_tiny_pairs(st: Settings, workdir: str) -> Settings:
+  """CPU miniature: records a small ODE-pair dataset of the run's own base model (the teacher).
+
+  The teacher is the base the student starts from (the `model` group; a random tiny DiT when
+  `model.init_from` is empty, then also written to `<workdir>/tiny_teacher`). Its pairs
+  (`TINY_PAIRS`: synthetic prompts of the `data.synthetic` size and seed, T2V from an empty
+  history) go to `<workdir>/tiny_pairs`; a resumed run reuses them. Process 0 records, the
+  others wait.
+
+  Args:
+    st: settings with `stage3.record_tiny_pairs` and an empty `data.data_dir`.
+    workdir: the run's folder.
+
+  Returns:
+    `st` reading the recorded dataset (`data.data_dir`).
+  """
+  if st.data.data_dir:
+    raise ConfigError(f"stage3.record_tiny_pairs records into the workdir: data.data_dir="
+                      f"{st.data.data_dir!r} must be empty")
+  pairs = os.path.join(workdir, TINY_PAIRS_DIR)
+  if jax.process_index() == 0 and not os.path.isfile(
+      os.path.join(pairs, ode_pairs.INDEX_FILE)):
+    p = TINY_PAIRS
+    config, graphdef, params = model_lib.build_base(dataclasses.replace(st.model, remat="none"))
+    teacher = st.model.init_from
+    if not teacher:
+      teacher = os.path.join(workdir, TINY_TEACHER_DIR)
+      with checkpoint.atomic_directory(teacher, overwrite=True) as tmp:
+        config.to_json(os.path.join(tmp, "config.json"), _class_name="HeliosTransformer3DModel")
+        checkpoint.save_params(os.path.join(tmp, checkpoint.PARAMS_DIR), params)
+    syn = dataclasses.replace(st.data.synthetic, num_clips=p["num_prompts"], sections=(1,),
+                              text_dim=config.text_dim)
+    source = synthetic_lib.SyntheticLatents(syn)
+    text = np.zeros((p["num_prompts"], st.data.text_len, config.text_dim), np.float32)
+    for i in range(p["num_prompts"]):
+      emb = source[i]["prompt_embed"]
+      text[i, :emb.shape[0]] = emb                              # zero-padded [L, D]
+    oc = ode_pairs_lib.OdeConfig(
+        teacher_steps=p["teacher_steps"], student_steps=st.stage3.student_steps,
+        guidance_scale=p["guidance_scale"], latent_height=syn.height, latent_width=syn.width,
+        channels=config.in_channels, patch_size=tuple(config.patch_size))
+    logging.info("recording the miniature's ODE pairs of %s into %s", teacher, pairs)
+    records = ode_pairs_lib.record_trajectory(
+        graphdef, jax.tree.map(jnp.asarray, params), text, None, p["num_sections"],
+        p["noise_seed"], True, oc)
+    info = ode_pairs_lib.dataset_info(oc, p["num_sections"], p["noise_seed"], True,
+                                      teacher=os.path.abspath(teacher),
+                                      text_len=st.data.text_len, data_source="synthetic",
+                                      negative_text="zeros")
+    ode_pairs.write_dataset(pairs, records, info, overwrite=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("record_tiny_pairs")
+  return dataclasses.replace(st, data=dataclasses.replace(st.data, data_dir=pairs))
 
 
 class OdePairRecords:
@@ -194,10 +302,10 @@ class OdePairRecords:
     return out
 
 
-def global_batch_size(data_cfg: ml_collections.ConfigDict) -> int:
-  if int(data_cfg.global_batch_size) > 0:
-    return int(data_cfg.global_batch_size)
-  return int(data_cfg.per_device_batch_size) * jax.device_count()
+def global_batch_size(data_cfg: DataConfig) -> int:
+  if data_cfg.global_batch_size > 0:
+    return data_cfg.global_batch_size
+  return data_cfg.per_device_batch_size * jax.device_count()
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,10 +316,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, st: Settings, mesh):
   """loss_fn(trainables, base, batch, key) -> (loss, aux) through the LoRA'd model."""
   if st.kind == "ode_regression":
     objective = lambda fn, batch, key, _: distill.ode_regression_loss(fn, batch, key,
-                                                                       st.stage3.loss)
+                                                                       st.stage3)
   else:
     objective = losses.OBJECTIVES[st.kind]
-  make = stage3_lib.forward_factory(graphdef, sharding.context_constraint(mesh))
+  make = stage3_lib.forward_factory(graphdef, sharding.token_constraint(mesh))
 
   def loss_fn(trainables, base, batch, key):
     return objective(make(base, trainables, st.trainable), batch, key, st.objective)
@@ -235,8 +343,7 @@ def make_train_step(loss_fn, tx, st: Settings):
     new_state = dict(state, step=step + 1, trainables=keep(trainables, state["trainables"]),
                      opt_state=keep(opt_state, state["opt_state"]))
     if "ema" in state:  # updated every step (spec §7.4)
-      new_state.update(stage3_lib.ema_step(state, new_state["trainables"], ok,
-                                           st.stage3.ema))
+      new_state.update(stage3_lib.ema_step(state, new_state["trainables"], ok, st.ema))
     metrics = {"loss": loss, "grad_norm": gnorm, "lr": optim.learning_rate(st.optim, step),
                **aux}
     return new_state, metrics
@@ -292,11 +399,10 @@ class Run:
 
 def _setup_data(st: Settings, gbs: int):
   source = make_source(st.data)
-  data_seed = int(st.data.seed) if int(st.data.seed) >= 0 else st.seed
+  data_seed = st.data.seed if st.data.seed >= 0 else st.seed
   in_cfg = pipeline_lib.InputConfig(global_batch_size=gbs, seed=data_seed,
-                                    text_len=int(st.data.text_len),
-                                    num_threads=int(st.data.num_threads),
-                                    prefetch=int(st.data.prefetch))
+                                    text_len=st.data.text_len, num_threads=st.data.num_threads,
+                                    prefetch=st.data.prefetch)
   dataset, plan = pipeline_lib.make_dataset(source, in_cfg, jax.process_index(),
                                             jax.process_count())
   logging.info("data: %d records, %d buckets, %d batches per epoch", len(source),
@@ -325,7 +431,7 @@ def _init_state(st: Settings, base: dict[str, Any], mesh):
            "rng": jax.device_put(jax.random.key_data(init_key), rep),
            "trainables": trainables, "opt_state": opt_state}
   shardings = {"step": rep, "rng": rep, "trainables": tr_shardings, "opt_state": opt_shardings}
-  if st.stage3 is not None and st.stage3.ema.enabled:
+  if st.ema.enabled:
     state["ema"] = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=tr_shardings)(
         trainables)
     state["ema_count"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
@@ -338,17 +444,16 @@ def _init_state(st: Settings, base: dict[str, Any], mesh):
 
 def _init_critic_state(st: Settings, score_base: dict[str, Any], model_config, mesh):
   """Critic trainables (+ GAN heads) and their optimizer state (DMD)."""
-  s3 = st.stage3
   heads_graphdef, heads_params, blocks = None, None, ()
-  if s3.loss.gan:
-    heads_graphdef, heads_params, blocks = stage3_lib.make_heads(model_config, s3)
+  if st.stage3.gan.enabled:
+    heads_graphdef, heads_params, blocks = stage3_lib.make_heads(model_config, st.stage3.gan)
   key = jax.random.fold_in(jax.random.key(st.seed), 1)
-  init = lambda b, h: stage3_lib.init_critic(b, s3, key, h)
+  init = lambda b, h: stage3_lib.init_critic(b, st.critic.trainable, key, h)
   shard = sharding.tree_shardings(jax.eval_shape(init, score_base, heads_params), mesh)
   critic = jax.jit(init, out_shardings=shard)(score_base, heads_params)
-  mult = dict(s3.critic_optim.lr_multipliers)
+  mult = dict(st.critic.optim.lr_multipliers)
   mult.setdefault("gan", 1.0)
-  copt = dataclasses.replace(s3.critic_optim, lr_multipliers=tuple(sorted(mult.items())))
+  copt = dataclasses.replace(st.critic.optim, lr_multipliers=tuple(sorted(mult.items())))
   tx = optim.make_optimizer(copt, critic)
   opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, critic), mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shard)(critic)
@@ -357,11 +462,13 @@ def _init_critic_state(st: Settings, score_base: dict[str, Any], model_config, m
           {"critic": shard, "critic_opt_state": opt_shard}, tx, heads_graphdef, blocks)
 
 
-def setup(config: ml_collections.ConfigDict) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Mesh, input pipeline, base weights, fresh state and the jitted step of a config."""
   st = settings_from_config(config)
+  if st.stage3 is not None and st.stage3.record_tiny_pairs:
+    st = record_tiny_pairs(st, workdir)
   jax.config.update("jax_threefry_partitionable", True)
-  mesh = sharding.make_mesh(st.mesh)
+  mesh = sharding.make_mesh("training", **dataclasses.asdict(st.mesh))
   gbs = global_batch_size(st.data)
   sharding.check_batch(gbs, mesh)
   logging.info("mesh %s over %d device(s), %d process(es); global batch %d", dict(mesh.shape),
@@ -372,7 +479,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   for _, h, w in plan.buckets:
     losses.check_latent_size(st.objective.kind, h, w, model_config.patch_size)
   if st.kind == "dmd":  # the student base and the (real / fake) score base
-    score_config, _, score_host = model_lib.build_base(st.stage3.score_model)
+    score_config, _, score_host = model_lib.build_base(st.score_model)
     if score_config != model_config:
       raise ConfigError(f"score_model config {score_config} differs from the student's "
                         f"{model_config}: both must be the same DiT architecture")
@@ -388,8 +495,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         st, base["score"], model_config, mesh)
     state.update(cstate)
     state_shardings.update(cshard)
-    step = stage3_lib.make_dmd_step(graphdef, st.trainable, tx, ctx_tx, st.stage3, st.optim,
-                                    sharding.context_constraint(mesh), heads_graphdef, blocks)
+    step = stage3_lib.make_dmd_step(graphdef, st.trainable, st.critic.trainable, tx, ctx_tx,
+                                    st.stage3, st.ema, st.optim,
+                                    sharding.token_constraint(mesh), heads_graphdef, blocks)
     step_fn = jax.jit(step, in_shardings=(state_shardings, base_shardings, None, None),
                       out_shardings=(state_shardings, None), donate_argnums=(0,))
   else:
@@ -400,7 +508,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   _, h, w = next(iter(plan.buckets))  # tokens/s uses the first bucket's size
   mult = st.objective.multiplicities
   if st.kind == "ode_regression":    # one forward per chosen section and pyramid stage
-    mult = (st.stage3.loss.ode_sections,) * pyr.NUM_STAGES
+    mult = (st.stage3.ode_sections,) * pyr.NUM_STAGES
   elif st.kind == "dmd":             # lower bound: the two rollouts' exit steps per stage, plus
     mult = (2, 2, 2 + 4)             # fake + real cond / uncond scores and the critic forward
   tokens = losses.tokens_per_sample(st.objective.kind, h, w, mult,
@@ -408,7 +516,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   neg = None
   if st.kind == "dmd":
     text_dim = model_config.text_dim
-    neg = stage3_lib.negative_text(st.stage3.negative_text, int(st.data.text_len), text_dim)
+    neg = stage3_lib.negative_text(st.stage3.negative_text, st.data.text_len, text_dim)
     # One global [B, L, D] array for the whole run (every DMD batch carries the same one).
     local_b = gbs // jax.process_count()
     neg = sharding.local_batch_to_global(
@@ -434,11 +542,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  run = setup(config)
+  run = setup(config, workdir)
   st, state = run.settings, run.state
 
-  ckpt = checkpointing.Checkpointer(workdir, keep=int(st.train.keep_checkpoints),
-                                    async_save=bool(st.train.async_checkpoint))
+  ckpt = checkpointing.Checkpointer(workdir, keep=st.train.keep_checkpoints,
+                                    async_save=st.train.async_checkpoint)
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -452,11 +560,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       print(f"resumed from step {start}", flush=True)
 
   writer = MetricsWriter(workdir, is_main)
-  num_steps = int(st.train.num_steps)
-  log_every = max(int(st.train.log_every), 1)
-  ckpt_every = int(st.train.checkpoint_every)
-  abort_at = int(st.train.get("abort_at_step", 0))
-  nan_at = int(st.train.get("debug_nan_at_step", 0))
+  num_steps = st.train.num_steps
+  log_every = max(st.train.log_every, 1)
+  ckpt_every = st.train.checkpoint_every
+  abort_at = st.train.abort_at_step
+  nan_at = st.train.debug_nan_at_step
   last_good = latest
   last: dict[str, Any] = {"step": start}
   t_window, n_window = time.perf_counter(), 0
