@@ -17,6 +17,7 @@ leaf name (see `torch_to_flax`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -280,6 +281,10 @@ class ConversionPlan:
   def leaf_paths(self) -> list[FlaxPath]:
     return list(self.targets)
 
+  def source_dtype(self, path: FlaxPath) -> np.dtype:
+    """The stored dtype of a leaf's source tensor(s) (stacked: the common type of the layers)."""
+    return np.result_type(*[self.reader.info(k)[0] for k in self.sources[path].values()])
+
 
 # ------------------------------------------------------------------------------------------
 # Orbax.
@@ -461,16 +466,18 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
 
 
 def _leaf_groups(plan: ConversionPlan, paths: Iterable[FlaxPath],
-                 max_bytes: int = 256 << 20) -> Iterator[dict[str, Any]]:
+                 max_bytes: int = 256 << 20, *, keep_dtype: bool = False
+                 ) -> Iterator[dict[str, Any]]:
   """Converted leaves batched into groups of <= max_bytes (or one leaf if larger).
 
   Each group is one Orbax partial save, whose cost grows with the tree size, so small leaves
-  are batched; peak RAM stays below max_bytes plus the largest leaf.
+  are batched; peak RAM stays below max_bytes plus the largest leaf. `keep_dtype`: each leaf
+  in its source tensors' stored dtype instead of the plan's target dtype.
   """
   group: dict[FlaxPath, np.ndarray] = {}
   size = 0
   for p in paths:
-    leaf = plan.load_leaf(p)
+    leaf = plan.load_leaf(p, plan.source_dtype(p) if keep_dtype else None)
     if group and size + leaf.nbytes > max_bytes:
       yield _unflatten(group)
       group, size = {}, 0
@@ -486,10 +493,14 @@ def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike
 
   Streams one parameter leaf (all its stacked layers) at a time. `dst` must not exist and is
   written atomically: on any error nothing is left behind.
+
+  `dtype`: the stored parameter dtype under the model's precision policy (None -> float32);
+  "keep" stores every tensor in its safetensors dtype, bit for bit (lossless).
   """
   src, dst = os.fspath(src), os.fspath(dst)
   config = spec.read_config(src)
-  dtype = _resolve_dtype(dtype)
+  keep = isinstance(dtype, str) and dtype == "keep"
+  dtype = _resolve_dtype(None if keep else dtype)
   _, abstract = spec.abstract(config, dtype)
   plan = ConversionPlan(SafetensorsFolder(src), abstract, spec.key_map(config),
                         stacked_len=spec.stacked_len(config), tied=spec.tied_keys(config))
@@ -502,7 +513,8 @@ def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike
       raw_config = json.load(f)
     with open(os.path.join(tmp, spec.config_cls.CONFIG_NAME), "w") as f:
       json.dump(raw_config, f, indent=2, sort_keys=True)
-    save_params_streaming(os.path.join(tmp, PARAMS_DIR), _leaf_groups(plan, paths))
+    save_params_streaming(os.path.join(tmp, PARAMS_DIR),
+                          _leaf_groups(plan, paths, keep_dtype=keep))
 
 
 def save_model(spec: ModelSpec, config: Any, model: Any, dst: str | os.PathLike, *,
@@ -522,3 +534,310 @@ def save_model(spec: ModelSpec, config: Any, model: Any, dst: str | os.PathLike,
   with atomic_directory(dst, overwrite=overwrite) as tmp:
     config.to_json(os.path.join(tmp, spec.config_cls.CONFIG_NAME), **config_extra)
     save_params(os.path.join(tmp, PARAMS_DIR), params)
+
+
+# ------------------------------------------------------------------------------------------
+# Flax -> PyTorch: the inverse mapping (export back to diffusers / transformers safetensors).
+
+
+def flax_to_torch(x: np.ndarray, leaf: str, torch_shape: Sequence[int]) -> np.ndarray:
+  """Converts one Flax leaf value back to the PyTorch layout `torch_shape` (inverts `torch_to_flax`).
+
+  `kernel` leaves: Linear [in, out] -> [out, in]; ConvNd [*k, in, out] -> [out, in, *k] (a
+  kernel stored reshaped is first brought back to the transposed PyTorch shape). Every other
+  leaf keeps its values and is reshaped. Returns a C-contiguous array (values unchanged).
+  """
+  torch_shape = tuple(int(s) for s in torch_shape)
+  if x.size != int(np.prod(torch_shape, dtype=np.int64)):
+    raise CheckpointError(f"shape {x.shape} cannot become {torch_shape}")
+  if leaf == "kernel" and len(torch_shape) >= 2:
+    n = len(torch_shape)
+    x = x.reshape(torch_shape[2:] + (torch_shape[1], torch_shape[0]))
+    x = np.transpose(x, (n - 1, n - 2) + tuple(range(n - 2)))  # argsort of (2..n-1, 1, 0)
+  return np.ascontiguousarray(x.reshape(torch_shape))
+
+
+def default_torch_shape(path: FlaxPath, flax_shape: Sequence[int]) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax leaf: kernels transposed back, other leaves unchanged."""
+  flax_shape = tuple(int(s) for s in flax_shape)
+  if path[-1] == "kernel" and len(flax_shape) >= 2:
+    return (flax_shape[-1], flax_shape[-2]) + flax_shape[:-2]
+  return flax_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class InverseKeyMap:
+  """A model's Flax-leaf -> PyTorch-key mapping (the inverse of its `KeyMap`).
+
+  Attributes:
+    torch_key: (flax path, layer index | None) -> PyTorch state-dict key.
+    stacked: flax path -> whether the leaf stacks the scanned layers on axis 0.
+    torch_shape: (flax path, per-layer flax shape) -> PyTorch tensor shape.
+  """
+
+  torch_key: Callable[[FlaxPath, "int | None"], str]
+  stacked: Callable[[FlaxPath], bool] = lambda path: False
+  torch_shape: Callable[[FlaxPath, Sequence[int]], tuple[int, ...]] = default_torch_shape
+
+
+def _blocks_stacked(path: FlaxPath) -> bool:
+  return path[0] == "blocks"
+
+
+def _transformer_torch_key(path: FlaxPath, layer: int | None) -> str:
+  """Inverse of `models.transformer._torch_key_map`."""
+  parts = list(path[1:] if path[0] == "blocks" else path)
+  if parts[0] == "memory":
+    parts = parts[1:]
+  if parts[-1] == "kernel":
+    parts[-1] = "weight"
+  key = ".".join(parts)
+  key = key.replace("to_out.", "to_out.0.").replace("ffn.proj_in.", "ffn.net.0.proj.")
+  key = key.replace("ffn.proj_out.", "ffn.net.2.")
+  return f"blocks.{layer}.{key}" if layer is not None else key
+
+
+def _vae_torch_key(path: FlaxPath, layer: int | None) -> str:
+  """Inverse of `models.vae.WanVAESpec.key_map` (`resample` holds nn.Sequential's conv [1])."""
+  del layer
+  parts = list(path)
+  if len(parts) >= 2 and parts[-2] == "resample":
+    parts = parts[:-1] + ["1", parts[-1]]
+  if parts[-1] == "kernel":
+    parts[-1] = "weight"
+  return ".".join(parts)
+
+
+def _vae_torch_shape(path: FlaxPath, flax_shape: Sequence[int]) -> tuple[int, ...]:
+  """Wan RMS-norm gammas are [C, 1, 1] in attention blocks (images=True), else [C, 1, 1, 1]."""
+  if path[-1] == "gamma" and len(flax_shape) == 1:
+    return (int(flax_shape[0]),) + ((1, 1) if "attentions" in path else (1, 1, 1))
+  return default_torch_shape(path, flax_shape)
+
+
+# {Flax sub-path of a umT5 block: (layer group, PyTorch name)}: the inverse of
+# `models.text_encoder._LAYER_KEYS` (kept here, as models import this module; `ExportPlan`
+# checks every name against the forward map).
+_UMT5_LAYER_NAMES = {
+    ("self_attn", "q", "kernel"): ("0", "SelfAttention.q.weight"),
+    ("self_attn", "k", "kernel"): ("0", "SelfAttention.k.weight"),
+    ("self_attn", "v", "kernel"): ("0", "SelfAttention.v.weight"),
+    ("self_attn", "o", "kernel"): ("0", "SelfAttention.o.weight"),
+    ("self_attn", "relative_attention_bias", "embedding"):
+        ("0", "SelfAttention.relative_attention_bias.weight"),
+    ("self_attn_norm", "scale"): ("0", "layer_norm.weight"),
+    ("ffn", "wi_0", "kernel"): ("1", "DenseReluDense.wi_0.weight"),
+    ("ffn", "wi_1", "kernel"): ("1", "DenseReluDense.wi_1.weight"),
+    ("ffn", "wo", "kernel"): ("1", "DenseReluDense.wo.weight"),
+    ("ffn_norm", "scale"): ("1", "layer_norm.weight"),
+}
+
+
+def _text_encoder_torch_key(path: FlaxPath, layer: int | None) -> str:
+  """Inverse of `models.text_encoder.TextEncoderSpec.key_map` (the tied embedding: `shared`)."""
+  if path == ("embed_tokens", "embedding"):
+    return "shared.weight"
+  if path == ("final_norm", "scale"):
+    return "encoder.final_layer_norm.weight"
+  if path[0] != "blocks" or path[1:] not in _UMT5_LAYER_NAMES or layer is None:
+    raise CheckpointError(f"text encoder parameter {'/'.join(path)} has no PyTorch name")
+  sub, name = _UMT5_LAYER_NAMES[path[1:]]
+  return f"encoder.block.{layer}.layer.{sub}.{name}"
+
+
+INVERSE_KEY_MAPS: dict[str, InverseKeyMap] = {
+    "transformer": InverseKeyMap(_transformer_torch_key, _blocks_stacked),
+    "vae": InverseKeyMap(_vae_torch_key, torch_shape=_vae_torch_shape),
+    "text_encoder": InverseKeyMap(_text_encoder_torch_key, _blocks_stacked),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+  """One PyTorch tensor of an export: its key, source Flax leaf (+ layer), shape and dtype."""
+
+  key: str
+  path: FlaxPath
+  layer: int | None
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class ExportPlan:
+  """Which Flax leaf (and layer) fills which PyTorch tensor: the inverse of `ConversionPlan`.
+
+  Every name is checked against the forward mapping before any data moves: each PyTorch key
+  must map back (`key_map`) to the leaf and layer it was produced from, and the element counts
+  must agree.
+
+  Args:
+    leaves: {flax path: (shape, dtype)} of the stored parameters (stacked leaves whole).
+    key_map: the model's PyTorch -> Flax `KeyMap` (for the round-trip check).
+    inverse: the model's `InverseKeyMap`.
+    stacked_len: number of scanned layers (leading axis of stacked leaves).
+    dtypes: optional {flax path: dtype} the tensors are written in (default: stored dtype).
+  """
+
+  def __init__(self, leaves: Mapping[FlaxPath, tuple[Sequence[int], Any]], key_map: KeyMap,
+               inverse: InverseKeyMap, *, stacked_len: int | None = None,
+               dtypes: Mapping[FlaxPath, Any] | None = None):
+    self.tensors: list[TorchTensor] = []
+    seen: dict[str, str] = {}
+    for path, (shape, stored) in leaves.items():
+      shape = tuple(int(s) for s in shape)
+      dtype = np.dtype((dtypes or {}).get(path, stored))
+      name = "/".join(path)
+      if inverse.stacked(path):
+        if stacked_len is None or not shape or shape[0] != stacked_len:
+          raise CheckpointError(f"stacked parameter {name} has shape {shape}; expected "
+                                f"{stacked_len} layers on axis 0")
+        layers, per_layer = list(range(shape[0])), shape[1:]
+      else:
+        layers, per_layer = [None], shape
+      for layer in layers:
+        key = inverse.torch_key(path, layer)
+        back = key_map(key)
+        if back != (path, layer):
+          raise CheckpointError(f"{name}[{layer}] exports as {key!r}, which loads back as "
+                                f"{back!r}: the inverse key mapping is wrong")
+        if key in seen:
+          raise CheckpointError(f"{name} and {seen[key]} both export as {key!r}")
+        seen[key] = name
+        tshape = tuple(inverse.torch_shape(path, per_layer))
+        if int(np.prod(tshape, dtype=np.int64)) != int(np.prod(per_layer, dtype=np.int64)):
+          raise CheckpointError(f"{name}: shape {per_layer} cannot become {key!r} {tshape}")
+        self.tensors.append(TorchTensor(key, path, layer, tshape, dtype))
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.nbytes for t in self.tensors)
+
+  def convert(self, tensor: TorchTensor, leaf_value: np.ndarray) -> np.ndarray:
+    """The PyTorch tensor `tensor` from its (whole, possibly stacked) Flax leaf value."""
+    x = leaf_value if tensor.layer is None else leaf_value[tensor.layer]
+    x = flax_to_torch(np.asarray(x), tensor.path[-1], tensor.shape)
+    return x if x.dtype == tensor.dtype else x.astype(tensor.dtype)
+
+  def shards(self, max_shard_bytes: int) -> list[list[TorchTensor]]:
+    """Tensors split in order into shards of <= max_shard_bytes (a larger tensor: its own)."""
+    if max_shard_bytes <= 0:
+      raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+    out: list[list[TorchTensor]] = []
+    size = 0
+    for t in self.tensors:
+      if not out or (out[-1] and size + t.nbytes > max_shard_bytes):
+        out.append([])
+        size = 0
+      out[-1].append(t)
+      size += t.nbytes
+    return out
+
+
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsWriter:
+  """Writes one `.safetensors` file tensor by tensor (header first, from known shapes/dtypes).
+
+  Only one tensor is in memory at a time. The tensors must be written in the declared order;
+  `close()` checks every declared tensor was written.
+
+    with SafetensorsWriter(path, [(key, shape, dtype), ...]) as w:
+      w.write(key, array)
+  """
+
+  def __init__(self, path: str, entries: Sequence[tuple[str, Sequence[int], Any]],
+               metadata: Mapping[str, str] | None = None):
+    self.path = path
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    self._order: list[tuple[str, tuple[int, ...], np.dtype]] = []
+    offset = 0
+    for key, shape, dtype in entries:
+      dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+      if dtype not in _NP_TO_ST:
+        raise CheckpointError(f"{key!r}: dtype {dtype} cannot be stored in safetensors")
+      n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      header[key] = {"dtype": _NP_TO_ST[dtype], "shape": list(shape),
+                     "data_offsets": [offset, offset + n]}
+      self._order.append((key, shape, dtype))
+      offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    self._f = open(path, "wb")  # pylint: disable=consider-using-with
+    self._f.write(struct.pack("<Q", len(raw)) + raw)
+    self._next = 0
+
+  def write(self, key: str, x: np.ndarray) -> None:
+    want_key, shape, dtype = self._order[self._next]
+    if key != want_key or tuple(x.shape) != shape or x.dtype != dtype:
+      raise CheckpointError(f"{self.path}: got {key!r} {tuple(x.shape)} {x.dtype}, expected "
+                            f"{want_key!r} {shape} {dtype}")
+    self._f.write(np.ascontiguousarray(x).tobytes(order="C") if x.size else b"")
+    self._next += 1
+
+  def close(self) -> None:
+    f, self._f = self._f, None
+    if f is None:
+      return
+    f.close()
+    if self._next != len(self._order):
+      raise CheckpointError(f"{self.path}: only {self._next} of {len(self._order)} tensors "
+                            "were written")
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    elif self._f is not None:
+      self._f.close()
+      self._f = None
+
+
+def iter_orbax_leaves(path: str, leaves: Mapping[FlaxPath, Any], order: Iterable[FlaxPath],
+                      max_bytes: int = 256 << 20) -> Iterator[tuple[FlaxPath, np.ndarray]]:
+  """Reads an Orbax PyTree checkpoint leaf by leaf, as host numpy arrays in their stored dtype.
+
+  Consecutive small leaves are read together (one Orbax load of up to `max_bytes`; the other
+  leaves are `PLACEHOLDER`s, so they are not read), a larger leaf alone: peak RAM is about
+  max(max_bytes, the largest leaf). Arrays are placed on the host CPU device.
+
+  Args:
+    path: the `params/` folder.
+    leaves: {flax path: metadata with `.shape` and `.dtype`} of every leaf in the checkpoint.
+    order: the leaves to read, in order.
+    max_bytes: batch size of one read.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint.experimental.v1 as ocp  # pylint: disable=g-import-not-at-top
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+  def nbytes(p):
+    return int(np.prod(leaves[p].shape, dtype=np.int64)) * np.dtype(leaves[p].dtype).itemsize
+
+  def read(group):
+    want = {p: (jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=cpu)
+                if p in group else ocp.PLACEHOLDER) for p, m in leaves.items()}
+    try:
+      got = _flatten(ocp.load(path, _unflatten(want)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{path}: failed to read {['/'.join(p) for p in group][:3]} "
+                            f"({e})") from e
+    for p in group:
+      yield p, np.asarray(got.pop(p))
+
+  group: list[FlaxPath] = []
+  size = 0
+  for p in order:
+    if group and size + nbytes(p) > max_bytes:
+      yield from read(group)
+      group, size = [], 0
+    group.append(p)
+    size += nbytes(p)
+  if group:
+    yield from read(group)

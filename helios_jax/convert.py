@@ -1,6 +1,7 @@
 """Checkpoint converter: diffusers/transformers safetensors -> our Orbax export.
 
-  python -m helios_jax.convert --src DIR --dst DIR [--dtype auto|float32|bfloat16] [--overwrite]
+  python -m helios_jax.convert --src DIR --dst DIR [--dtype keep|auto|float32|bfloat16|float16]
+      [--overwrite]
 
 `--src` is either one component folder (`transformer/`, `vae/`, `text_encoder/`, recognised by its
 config.json) or a whole pipeline folder (`model_index.json` + `transformer/ vae/ text_encoder/
@@ -10,8 +11,11 @@ The output of one component is `DST/config.json` + `DST/params/`, an Orbax PyTre
 `orbax.checkpoint.experimental.v1.load(DST/params)` reads without this package. `--dst` is written
 atomically: a failed conversion leaves nothing behind.
 
-`--dtype auto` stores each component in the precision the pipelines run it in: transformer and
-text encoder bf16 (fp32-kept modules stay fp32), VAE fp32.
+`--dtype keep` (the default) is lossless: every tensor is stored in its safetensors dtype, bit
+for bit (the loaders cast to the dtype they are asked for). Downcasting is opt-in: `--dtype
+bfloat16` (or float32 / float16) stores the component under the model's precision policy
+(fp32-kept modules stay fp32), and `--dtype auto` stores each component in the precision the
+pipelines run it in: transformer and text encoder bf16, VAE fp32.
 """
 
 from __future__ import annotations
@@ -25,52 +29,25 @@ from typing import Any
 from absl import flags
 
 from helios_jax import checkpoint
+from helios_jax import components
 from helios_jax import runtime
 
-COMPONENTS = ("transformer", "vae", "text_encoder")
-COPIED = ("tokenizer", "scheduler")
+# The component registry (also importable from here, as before).
+COMPONENTS, COPIED = components.COMPONENTS, components.COPIED
+get_spec, detect_component = components.get_spec, components.detect_component
+
 AUTO_DTYPE = {"transformer": "bfloat16", "vae": "float32", "text_encoder": "bfloat16"}
-
-
-def get_spec(component: str) -> checkpoint.ModelSpec:
-  """The `ModelSpec` of a component name."""
-  if component == "transformer":
-    from helios_jax.models.transformer import TRANSFORMER_SPEC  # pylint: disable=g-import-not-at-top
-    return TRANSFORMER_SPEC
-  if component == "vae":
-    from helios_jax.models.vae import VAE_SPEC  # pylint: disable=g-import-not-at-top
-    return VAE_SPEC
-  if component == "text_encoder":
-    from helios_jax.models.text_encoder import TEXT_ENCODER_SPEC  # pylint: disable=g-import-not-at-top
-    return TEXT_ENCODER_SPEC
-  raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
-
-
-def detect_component(folder: str) -> str:
-  """Which component a folder holds, from its config.json."""
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise checkpoint.CheckpointError(f"{folder}: no config.json (and no model_index.json)")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  cls = cfg.get("_class_name", "")
-  if cls == "HeliosTransformer3DModel":
-    return "transformer"
-  if cls == "AutoencoderKLWan":
-    return "vae"
-  if cfg.get("model_type") == "umt5" or "UMT5EncoderModel" in cfg.get("architectures", []):
-    return "text_encoder"
-  raise checkpoint.CheckpointError(
-      f"{cfg_path}: cannot tell which component this is (_class_name={cls!r}, "
-      f"model_type={cfg.get('model_type')!r})")
+DTYPES = ("keep", "auto", "float32", "bfloat16", "float16")
 
 
 def _dtype(component: str, dtype: str) -> Any:
+  """The `export_model` dtype of `--dtype` for a component ("keep" passes through)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  name = AUTO_DTYPE[component] if dtype == "auto" else dtype
-  if name not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"--dtype={dtype!r}: use auto, float32, bfloat16 or float16")
-  return jnp.dtype(name)
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+  if dtype == "keep":
+    return "keep"
+  return jnp.dtype(AUTO_DTYPE[component] if dtype == "auto" else dtype)
 
 
 def _folder_bytes(folder: str) -> int:
@@ -82,9 +59,18 @@ def _folder_bytes(folder: str) -> int:
   return total
 
 
-def convert(src: str, dst: str, dtype: str = "auto", *, overwrite: bool = False,
+def convert(src: str, dst: str, dtype: str = "keep", *, overwrite: bool = False,
             progress: bool = True) -> list[str]:
-  """Converts a component or pipeline folder; returns the converted component names."""
+  """Converts a component or pipeline folder; returns the converted component names.
+
+  Args:
+    src: diffusers/transformers component folder or pipeline folder.
+    dst: output folder (written atomically).
+    dtype: one of `DTYPES`; "keep" (default) stores every tensor in its stored dtype.
+    overwrite: replace an existing `dst`.
+    progress: show a progress bar per component.
+  """
+  _dtype("transformer", dtype)  # a bad --dtype fails before any work
   src, dst = os.path.abspath(src), os.path.abspath(dst)
   if not os.path.isdir(src):
     raise checkpoint.CheckpointError(f"--src folder not found: {src}")
@@ -120,12 +106,18 @@ def convert(src: str, dst: str, dtype: str = "auto", *, overwrite: bool = False,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "diffusers component or pipeline folder", required=True)
-flags.DEFINE_string("dst", None, "output folder (must not exist unless --overwrite)",
-                    required=True)
-flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16", "float16"],
-                  "stored parameter dtype (auto: transformer/text encoder bf16, VAE fp32)")
-flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
+
+
+def define_flags() -> None:
+  """The CLI flags (defined only when run as a program, so modules can import this one)."""
+  flags.DEFINE_string("src", None, "diffusers component or pipeline folder", required=True)
+  flags.DEFINE_string("dst", None, "output folder (must not exist unless --overwrite)",
+                      required=True)
+  flags.DEFINE_enum("dtype", "keep", list(DTYPES),
+                    "stored parameter dtype (keep: each tensor's stored dtype, lossless; auto: "
+                    "transformer/text encoder bf16, VAE fp32; else that dtype, fp32-kept "
+                    "modules stay fp32)")
+  flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 
 
 def main(argv):
@@ -140,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   runtime.run_cli(main)

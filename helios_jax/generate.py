@@ -78,6 +78,9 @@ flags.DEFINE_integer("zero_steps", 1, "CFG-Zero* zero-init steps")
 flags.DEFINE_bool("text_encoder_on_cpu", False, "run umT5 on the host CPU (saves GPU memory)")
 flags.DEFINE_bool("release_text_encoder", False, "free umT5 after encoding the prompts")
 flags.DEFINE_bool("compile_cache", True, "persist compiled programs in the helios-jax cache")
+flags.DEFINE_multi_string("lora", None, "PATH[:SCALE] of a diffusers/PEFT LoRA "
+                          "(.safetensors), a partial-parameter file (.pth) or a folder with "
+                          "both, fused into the DiT at load (repeat to stack adapters)")
 flags.DEFINE_bool("keep_partial", False, "on failure or Ctrl-C keep the chunks finished so far "
                   "as <out stem>.partial.mp4 (default: nothing is left)")
 
@@ -98,6 +101,7 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from helios_jax import media, runtime, sampling  # pylint: disable=g-import-not-at-top
   from helios_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from helios_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   tiny = FLAGS.model_dir is None
   default_height, default_width = variants.get_size("tiny" if tiny else "helios-14b").resolution
   height = FLAGS.height or default_height
@@ -114,6 +118,8 @@ def main(argv):
       steps = None if FLAGS.steps is None else [int(s) for s in FLAGS.steps]
     except ValueError:
       raise ValueError(f"--steps={','.join(FLAGS.steps)} must be integers, e.g. 2,2,2") from None
+    loras = [lora_lib.parse_lora_arg(a) for a in FLAGS.lora or ()]
+    lora_lib.check_entries(loras)
     model_dir = tiny_model_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     scheduler, flags_, dit_cfg = pipeline_lib.read_pipeline_settings(model_dir)
     pipeline_lib.make_sampler_config(
@@ -150,7 +156,7 @@ def main(argv):
   try:
     pipe = pipeline_lib.Pipeline.from_pretrained(
         model_dir, dtype, text_encoder_device=jax.devices("cpu")[0] if FLAGS.text_encoder_on_cpu
-        else None, release_text_encoder=FLAGS.release_text_encoder)
+        else None, release_text_encoder=FLAGS.release_text_encoder, lora=loras or None)
     print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f} s "
           f"({'pyramid' if pipe.is_pyramid else 'single-resolution'} "
           f"{pipe.scheduler.solver}, backend {jax.default_backend()})")

@@ -370,7 +370,7 @@ class Pipeline:
   def from_pretrained(cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, *,
                       kernels=None, load_text_encoder: bool = True,
                       text_encoder_device: Any = None,
-                      release_text_encoder: bool = False) -> "Pipeline":
+                      release_text_encoder: bool = False, lora: Any = None) -> "Pipeline":
     """Loads `transformer/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json`.
 
     Args:
@@ -380,6 +380,8 @@ class Pipeline:
       load_text_encoder: False skips the umT5 stack (pass `prompt_embeds` to generate).
       text_encoder_device: run the encoder on this device (e.g. `jax.devices("cpu")[0]`).
       release_text_encoder: free the encoder after each prompt encoding (reloads lazily).
+      lora: `[(path, scale), ...]` LoRA / partial-parameter files fused into the DiT at load
+        (`load_transformer(lora=...)`, `models/lora.py`).
     """
     from helios_jax.models.text_encoder import load_text_encoder as _load_te  # pylint: disable=g-import-not-at-top
     from helios_jax.models.transformer import load_transformer  # pylint: disable=g-import-not-at-top
@@ -387,7 +389,8 @@ class Pipeline:
     from helios_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     path = os.fspath(path)
     scheduler, flags, _ = read_pipeline_settings(path)
-    transformer = load_transformer(os.path.join(path, "transformer"), dtype, kernels=kernels)
+    transformer = load_transformer(os.path.join(path, "transformer"), dtype, kernels=kernels,
+                                   lora=lora)
     vae = load_vae(os.path.join(path, "vae"), jnp.float32)
     text_encoder = tokenizer = None
     if load_text_encoder:
@@ -755,15 +758,17 @@ class Pipeline:
                   for k in range(k_total))
     fn = jax.jit(functools.partial(
         _generate_all, self.transformer.graphdef, self.vae.graphdef, sc, k_total, flags,
-        self.transformer.config.in_channels))
+        self.transformer.config.in_channels, self.token_constraint))
     inputs = {"text": text, "neg_text": neg, "state": cond.state,
               "latents_mean": self.vae.latents_mean, "latents_inv_std": self.vae.latents_inv_std}
     return fn, inputs
 
 
-def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, params, inputs, rng):
+def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, constrain, params,
+                  inputs, rng):
   """All chunks of a video as one traced program: the chunk loop of `Pipeline._run` (the same
-  key derivation and draws, `chunk_step`, `decode_step`), chunks 1..K-1 in one `lax.scan`."""
+  key derivation and draws, `chunk_step` with the pipeline's token constraint, `decode_step`),
+  chunks 1..K-1 in one `lax.scan`."""
   chunk_key = chunk_keys(rng)[1]
   text, neg = inputs["text"], inputs["neg_text"]
   batch = inputs["state"].latents.shape[0]
@@ -771,7 +776,7 @@ def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, param
   def one(state, k, first, set_anchor):
     noise = chunk_noise(chunk_key, k, sc, batch, channels)
     state, latents, _ = chunk_step(tr_graphdef, sc, first, params["transformer"], text, neg,
-                                   state, noise, set_anchor)
+                                   state, noise, set_anchor, constrain=constrain)
     frames = decode_step(vae_graphdef, params["vae"], latents, inputs["latents_mean"],
                          inputs["latents_inv_std"], "uint8")
     return state, (latents, frames)

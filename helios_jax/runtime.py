@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import warnings
 
 import jax
@@ -62,18 +64,54 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, *,
   return path
 
 
-def _parse_quietly(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with WARNING as the default log level instead of app.run's INFO."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs):
+  """Opens a hidden temporary file beside `path`; renames it to `path` only on success.
+
+  The data is flushed and fsync'ed before the rename, so a full disk or a crash leaves either
+  the previous file or none, never a truncated one; on any error the temporary file is removed
+  and the error propagates.
+
+    with runtime.atomic_write("out.json") as f:
+      json.dump(data, f)
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _quiet_parser(parse):
+  """`parse` (absl's flag parsing by default), then WARNING as the default log level instead
+  of app.run's INFO."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  args = app.parse_flags_with_usage(argv)
-  if flags.FLAGS["verbosity"].using_default_value:
-    flags.FLAGS.verbosity = -1  # an explicit value: app.run then leaves it alone
-  return args
+
+  def parse_quietly(argv: list[str]) -> list[str]:
+    args = (parse or app.parse_flags_with_usage)(argv)
+    if flags.FLAGS["verbosity"].using_default_value:
+      flags.FLAGS.verbosity = -1  # an explicit value: app.run then leaves it alone
+    return args
+
+  return parse_quietly
 
 
-def run_cli(main) -> None:
+def run_cli(main, flags_parser=None) -> None:
   """`absl.app.run(main)` with quiet logs by default (every helios_jax CLI starts this way).
+
+  `flags_parser`: a custom parser (as `app.run` takes), run before the quiet default applies.
 
   Orbax / JAX INFO lines (one per checkpoint step, or every parameter key) only show with
   `--verbosity=0` (1 for debug); transformers' advisory warnings ("PyTorch was not found" in a
@@ -85,4 +123,4 @@ def run_cli(main) -> None:
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
                           category=RuntimeWarning)
-  app.run(main, flags_parser=_parse_quietly)
+  app.run(main, flags_parser=_quiet_parser(flags_parser))

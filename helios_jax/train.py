@@ -6,7 +6,11 @@ file's `get_config(arg)` takes its argument after a colon, e.g.
 overridden with `--config.optim.lr=1e-4`. A config mistake (an unknown or misspelt key, a value
 of the wrong type, a bad config argument) is one line on stderr and exit status 2, e.g.
 `unknown config key 'optim.lrr'; did you mean 'optim.lr'?`. Re-running with the same `--workdir`
-resumes from its latest checkpoint.
+resumes from its latest checkpoint. SIGINT (Ctrl-C) or SIGTERM (what a preempting scheduler
+sends) stops the run after the current step with a checkpoint and one line saying where it
+resumes (exit status 130 / 143); a second Ctrl-C interrupts at once. A workdir is locked by
+its running trainer: a second one on the same workdir stops with an error naming the holder.
+Logs are quiet by default (`--verbosity=0` shows INFO).
 
 Multi-host (one process per host, same command everywhere): pass `--multihost`, which calls
 `jax.distributed.initialize()`. On SLURM / Open MPI / TPU / GKE the coordinator, process count
@@ -35,6 +39,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from helios_jax import runtime
 from helios_jax.config import ConfigError
 from helios_jax.training import settings
 
@@ -69,6 +74,9 @@ def initialize_distributed() -> None:
 
 
 CONFIG_ERROR_EXIT = 2
+# A run stopped by a signal exits like a process killed by it (128 + number), after its
+# checkpoint: schedulers see a preemption, not a success.
+STOPPED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def _fail(message: str) -> None:
@@ -124,10 +132,16 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.WorkdirBusyError as e:
+    _fail(f"error: {e}")
+  except trainer.TrainingStopped as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(STOPPED_EXIT[e.signal_name])
   if _MULTIHOST.value:
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  runtime.run_cli(main, flags_parser=parse_flags)

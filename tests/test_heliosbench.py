@@ -722,18 +722,19 @@ def test_merge_picks_rules_from_frame_counts_and_states_coverage(tmp_path, capsy
   matplotlib.use("Agg")
   from helios_jax.heliosbench import plots  # pylint: disable=g-import-not-at-top
   captured = {}
-  real_savefig = matplotlib.figure.Figure.savefig
+  real_save = plots._save  # pylint: disable=protected-access
 
-  def savefig(fig, path, *a, **k):
+  def save(fig, path):
     captured[os.path.basename(path)] = fig
-    return real_savefig(fig, path, *a, **k)
+    real_save(fig, path)
 
-  matplotlib.figure.Figure.savefig = savefig
+  plots._save = save  # pylint: disable=protected-access
   try:
     plots.metric_bars(str(tmp_path / "bars.png"), out["rows"])
     plots.chunk_curves(str(tmp_path / "curves.png"), str(long_dir))
   finally:
-    matplotlib.figure.Figure.savefig = real_savefig
+    plots._save = real_save  # pylint: disable=protected-access
+  assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
   texts = [t.get_text() for t in captured["bars.png"].axes[0].texts]
   assert texts.count("n/a") == 8  # every rated metric but semantic
   ticks = captured["curves.png"].axes[0].get_xticks()

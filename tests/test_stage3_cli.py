@@ -126,15 +126,16 @@ def test_ema_generator_exports_as_a_distilled_pipeline(cli_env, chain, tmp_path)
 
 def test_tiny_stage3_variants_run_alone(cli_env, tmp_path):
   """No data / init given: stage3_ode.py:tiny records the ODE pairs of its own random tiny
-  teacher into the workdir (reused on resume), stage3_dmd.py:tiny builds random tiny
-  student / score models and trains on synthetic latents."""
+  base (the teacher, written to the workdir too) into the workdir and regresses them;
+  stage3_dmd.py:tiny builds random tiny student / score models and trains on synthetic
+  latents."""
   ode = str(tmp_path / "ode")
   _ok(_run(cli_env, ["--config=experiments/stage3_ode.py:tiny,steps=1", f"--workdir={ode}"]))
   assert os.path.isfile(os.path.join(ode, "tiny_pairs", "index.json"))
   teacher = checkpoint.load_params(os.path.join(ode, "tiny_teacher", checkpoint.PARAMS_DIR))
   _, _, student = model_lib.build_base(model_lib.BaseModelConfig(preset="tiny"))
-  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)):
-    np.testing.assert_array_equal(np.asarray(a), b)   # the student starts from the teacher
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(student)):  # the tiny random base
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)  # (XLA -O0 vs default)
   m = _metrics(ode)
   assert sorted(m) == [1] and np.isfinite(m[1]["loss"]) and m[1]["loss"] > 0
   dmd = str(tmp_path / "dmd")

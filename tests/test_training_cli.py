@@ -16,6 +16,7 @@ guard) skip compilation.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,11 +63,12 @@ def _ok(proc):
 
 
 def _metrics(workdir):
-  """{step: record} from metrics.jsonl (the last record of a step wins, as after a resume)."""
+  """{step: record} from metrics.jsonl; every step appears once, resumed runs included."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       r = json.loads(line)
+      assert r["step"] not in out, f"step {r['step']} logged twice in {workdir}"
       out[r["step"]] = r
   return out
 
@@ -202,6 +204,59 @@ def test_killed_run_resumes_bit_exactly(cli_env, reference_run, tmp_path):
   assert sorted(got) == list(range(1, 7))
   for s in range(1, 7):
     assert got[s]["loss"] == ref[s]["loss"] and got[s]["grad_norm"] == ref[s]["grad_norm"], s
+
+
+def test_sigterm_checkpoints_and_the_rerun_continues_bit_exactly(cli_env, reference_run,
+                                                                 tmp_path):
+  """SIGTERM (a preempting scheduler) mid-run: the current step finishes, a checkpoint is
+  written, one line says where it resumes; the rerun continues from that step bit-exactly."""
+  work = str(tmp_path / "term")
+  env = dict(cli_env)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "helios_jax.train", *SYNTH, "--config.train.num_steps=6",
+       "--config.train.log_every=1", f"--workdir={work}"], cwd=REPO, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stdout:  # blocks until the run logs its third step (no clock involved)
+    lines.append(line)
+    if line.startswith("step 3/6"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+  assert proc.returncode == 143, err[-3000:]
+  stopped = [ln for ln in err.splitlines() if ": stopped at step " in ln]
+  assert len(stopped) == 1 and "Traceback" not in err, err[-3000:]
+  step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+  assert 3 <= step < 6 and f"resume from step {step}" in stopped[0]
+  assert step in _ckpt_steps(work)
+  assert max(_metrics(work)) == step
+  proc = _ok(_run(cli_env, SYNTH + ["--config.train.num_steps=6", f"--workdir={work}"]))
+  assert f"resumed from step {step}" in proc.stdout
+  ref, got = _metrics(reference_run), _metrics(work)
+  assert sorted(got) == list(range(1, 7))
+  for s in range(1, 7):
+    assert got[s]["loss"] == ref[s]["loss"] and got[s]["grad_norm"] == ref[s]["grad_norm"], s
+
+
+def test_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(cli_env, tmp_path):
+  from helios_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "locked"
+  work.mkdir()
+  lock = trainer.WorkdirLock(str(work))
+  assert lock.acquire() is None
+  try:
+    proc = _run(cli_env, SYNTH + ["--config.train.num_steps=1", f"--workdir={work}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        f"error: workdir {work} is in use by pid {os.getpid()} on host {socket.gethostname()} "
+        f"(lock {work / '.lock'}); stop that run or choose another --workdir"]
+    assert not (work / "checkpoints").exists()
+  finally:
+    lock.release()
+  (work / ".lock").write_text("pid 999999 on host gone")  # its process died: not flocked
+  proc = _ok(_run(cli_env, SYNTH + ["--config.train.num_steps=1", f"--workdir={work}",
+                                    "--verbosity=0"]))
+  assert "took over the stale lock of pid 999999 on host gone" in proc.stderr
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(cli_env, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from helios_jax import variants
 from helios_jax.constants import CHUNK_FRAMES
 from helios_jax.heliosbench import generation
 from helios_jax.heliosbench import merge as merge_lib
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the official scripts' negative prompt")
   gen.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="transformer / text encoder dtype (default bfloat16; tiny: float32)")
-  gen.add_argument("--tiny_model", "--tiny-model", default="distilled",
+  gen.add_argument("--tiny_model", "--tiny-model", default=variants.DEFAULT_VARIANT,
                    choices=list(generation.TINY_MODELS), help="tiny preset without --model_dir")
   gen.add_argument("--video_fps", "--video-fps", type=int, default=24,
                    help="frame rate of the mp4 files")

@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any, Mapping
 
+from helios_jax import runtime
 from helios_jax.heliosbench import naming
 from helios_jax.heliosbench import results as res
 
@@ -285,7 +286,7 @@ def write_summary(out_dir: str, per_model_rows: Mapping[str, list[dict[str, Any]
   json_path = os.path.join(out_dir, "summary.json")
   res.write_json(json_path, {m: rows for m, rows in per_model_rows.items()})
   csv_path = os.path.join(out_dir, "summary.csv")
-  with open(csv_path, "w", newline="") as f:
+  with runtime.atomic_write(csv_path, newline="") as f:
     w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     w.writeheader()
     for model, rows in per_model_rows.items():

@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from helios_jax import runtime
 from helios_jax.heliosbench import results as res
 
 
 # Drift scatter plots label each point with its video id up to this many videos.
 MAX_LABELLED_POINTS = 30
+
+
+def _save(fig, path: str) -> None:
+  """Saves a PNG atomically (a failed write leaves no partial file) and closes the figure."""
+  try:
+    with runtime.atomic_write(path, "wb") as f:
+      fig.savefig(f, dpi=110, format="png")
+  finally:
+    _plt().close(fig)
 
 
 def _plt():
@@ -36,12 +46,13 @@ def metric_bars(path: str, per_model_rows: Mapping[str, list[dict[str, Any]]]) -
     total_row = next((r for r in per_model_rows[m] if r["kind"] == "total"), None)
     label = m
     if total_row is not None and total_row["raw_score"] is not None:
-      rated = sum(r is not None for r in ratings)
-      label = f"{m} (total {total_row['raw_score']:.3f}, {rated}/{len(metrics)} metrics)"
+      own = [r for r in per_model_rows[m] if r["kind"] == "rated"]  # this model's rules
+      rated = sum(r["rating"] is not None for r in own)
+      label = f"{m} (total {total_row['raw_score']:.3f}, {rated}/{len(own)} metrics)"
     xs = [j + i * width - 0.4 + width / 2 for j in range(len(metrics))]
     bars = ax.bar(xs, [r or 0 for r in ratings], width, label=label)
     for x, r, bar in zip(xs, ratings, bars):
-      if r is None:  # skipped or missing: say so instead of an empty bar that reads as 0
+      if r is None:  # skipped, missing or not in this model's rules: not an empty "0" bar
         ax.text(x, 0.15, "n/a", ha="center", va="bottom", fontsize=7, rotation=90,
                 color=bar.get_facecolor())
   ax.set_xticks(range(len(metrics)))
@@ -52,8 +63,7 @@ def metric_bars(path: str, per_model_rows: Mapping[str, list[dict[str, Any]]]) -
   ax.set_title("HeliosBench ratings per metric")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
   return path
 
 
@@ -92,8 +102,7 @@ def drift_start_end(path: str, results_dir: str) -> str | None:
     ax.set_xlabel("start (first 15%)")
     ax.set_ylabel("end (last 15%)")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
   return path
 
 
@@ -119,6 +128,5 @@ def chunk_curves(path: str, results_dir: str) -> str | None:
     if len(per_video) <= 8:
       ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
   return path

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
+from helios_jax import runtime
 from helios_jax.heliosbench import drift as drift_lib
 
 SKIPPED_FILE = "skipped_metrics.json"
@@ -88,11 +89,10 @@ def read_json(path: str) -> Any:
 
 
 def write_json(path: str, data: Any) -> None:
-  """Writes JSON with indent=2 atomically (temporary file + rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
+  """Writes JSON with indent=2 atomically (`runtime.atomic_write`: a full disk leaves the
+  previous file or none, and the error propagates)."""
+  with runtime.atomic_write(path) as f:
     json.dump(data, f, indent=2)
-  os.replace(tmp, path)
 
 
 def load_existing(out_dir: str, spec: ResultSpec) -> dict[int, dict]:

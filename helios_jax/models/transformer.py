@@ -551,7 +551,8 @@ class HeliosTransformer:
 
 
 def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
-                     attention_impl: str | None = None, remat: str = "none") -> HeliosTransformer:
+                     attention_impl: str | None = None, remat: str = "none",
+                     lora: Any = None) -> HeliosTransformer:
   """Loads a diffusers `transformer/` folder (safetensors, single or sharded) or our Orbax export.
 
   Args:
@@ -561,9 +562,15 @@ def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
     kernels: op implementations (`KernelConfig`; default "auto" everywhere).
     attention_impl: shorthand for `KernelConfig(attention=attention_impl)`.
     remat: rematerialisation policy (training).
+    lora: `[(path, scale), ...]` of diffusers/PEFT LoRA files, partial-parameter files or
+      folders holding them (`models/lora.py`), fused into the weights at load (no per-step
+      cost); partial files are applied first, as the official merge script does.
   """
   spec = TransformerSpec(_kernels(kernels, attention_impl), remat=remat)
   config, model = checkpoint.load_model(spec, path, dtype)
+  if lora:
+    from helios_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    lora_lib.fuse_into_module(model, config, lora)
   return HeliosTransformer(config, model)
 
 

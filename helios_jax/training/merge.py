@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from absl import app
 from absl import flags
 
 from helios_jax import checkpoint
+from helios_jax import runtime
 from helios_jax.models import transformer
 from helios_jax.training import checkpointing
 from helios_jax.training import lora
@@ -114,9 +116,15 @@ def main(argv):
   del argv
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required")
-  out = merge_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, ema=_EMA.value)
+  try:
+    runtime.check_writable(_OUT.value, folder=True)
+    out = merge_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, ema=_EMA.value)
+  except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"merged transformer written to {out}", flush=True)
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  runtime.run_cli(main)

@@ -63,6 +63,7 @@ from absl import flags
 from absl import logging
 from flax import nnx
 
+from helios_jax import runtime
 from helios_jax import sampling
 from helios_jax.data import ode_pairs as dataset
 from helios_jax import schedulers as hs
@@ -570,4 +571,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  runtime.run_cli(main)

@@ -34,6 +34,9 @@ import json
 import math
 import os
 import signal
+import socket
+import sys
+import threading
 import time
 from typing import Any
 
@@ -47,6 +50,7 @@ from flax import nnx
 
 from helios_jax import sharding
 from helios_jax import checkpoint
+from helios_jax import runtime
 from helios_jax.config import ConfigError
 from helios_jax.text import MAX_SEQUENCE_LENGTH
 from helios_jax.data import ode_pairs
@@ -82,6 +86,16 @@ def device_keys(kind: str) -> tuple[str, ...]:
   if kind == "ode_regression":
     return ode_pairs.record_keys(pyr.NUM_STAGES)
   return DEVICE_KEYS
+
+
+class TrainingStopped(Exception):
+  """A stop signal ended the run cleanly after a checkpoint at `step`."""
+
+  def __init__(self, signal_name: str, step: int, directory: str):
+    super().__init__(f"{signal_name}: stopped at step {step}; checkpoint saved in {directory}. "
+                     "Run the same command to resume from step "
+                     f"{step}.")
+    self.signal_name, self.step = signal_name, step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -356,11 +370,30 @@ def make_train_step(loss_fn, tx, st: Settings):
 
 
 class MetricsWriter:
-  """Appends one JSON line per step to `<workdir>/metrics.jsonl` (process 0 only)."""
+  """Appends one JSON line per step to `<workdir>/metrics.jsonl` (process 0 only).
 
-  def __init__(self, workdir: str, enabled: bool):
+  `start_step` is the step the run (re)starts from: rows of later steps, written by a run
+  that stopped after its last checkpoint, are dropped first (rewritten atomically), so a resumed
+  run never repeats a step.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = enabled
+    if enabled and os.path.isfile(self.path):
+      with open(self.path) as f:
+        lines = f.readlines()
+      keep = []
+      for line in lines:
+        try:
+          step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+          continue
+        if step <= start_step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+      if len(keep) != len(lines):
+        with runtime.atomic_write(self.path) as f:
+          f.writelines(keep)
 
   def write(self, record: dict[str, Any]) -> None:
     if self.enabled:
@@ -371,6 +404,91 @@ class MetricsWriter:
 def _py(x):
   x = np.asarray(x)
   return x.item() if x.ndim == 0 else x.tolist()
+
+
+# ------------------------------------------------------------------------------------------
+# Workdir lock and stop signals.
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live training process holds the workdir."""
+
+
+class WorkdirLock:
+  """An exclusive `flock` on `<workdir>/.lock`, holding the owner's pid and host.
+
+  The kernel releases the lock when its process dies, so a lock left by a killed run is
+  stale by construction: the next run takes it (and says whose it was). Taken by process 0
+  only (the processes of one multi-host run share the workdir).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> str | None:
+    """Takes the lock; returns a note about a stale previous holder, or None."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
+      os.close(fd)
+      raise WorkdirBusyError(
+          f"workdir {os.path.dirname(self.path)} is in use by {holder} (lock {self.path}); "
+          "stop that run or choose another --workdir") from None
+    previous = os.pread(fd, 256, 0).decode(errors="replace").strip()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+    self._fd = fd
+    return f"took over the stale lock of {previous} (no longer running)" if previous else None
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing releases the flock
+      self._fd = None
+
+
+class StopSignals:
+  """SIGINT / SIGTERM ask the loop to stop after the current step (checkpoint, clean exit).
+
+  A second SIGINT interrupts at once (Python's default KeyboardInterrupt). Installed only in
+  the main thread; `received` is the first signal's name, or None.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      print(f"{self.received}: stopping after the current step (checkpoint first; "
+            "Ctrl-C again to interrupt at once)", file=sys.stderr, flush=True)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def stop_requested(self) -> bool:
+    """Whether any process received a stop signal (a collective on multi-process runs)."""
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -539,8 +657,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  lock = WorkdirLock(workdir)
   if is_main:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    note = lock.acquire()
+    if note:
+      logging.warning("%s", note)
+  try:
+    with StopSignals() as stops:  # from here on, SIGINT / SIGTERM stop at a step boundary
+      return _train_locked(config, workdir, is_main, stops)
+  finally:
+    lock.release()
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, is_main: bool,
+                  stops: StopSignals) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir lock is held and the stop signals are caught."""
+  if is_main:
+    with runtime.atomic_write(os.path.join(workdir, CONFIG_FILE)) as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   run = setup(config, workdir)
   st, state = run.settings, run.state
@@ -559,7 +692,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       print(f"resumed from step {start}", flush=True)
 
-  writer = MetricsWriter(workdir, is_main)
+  writer = MetricsWriter(workdir, is_main, start)
   num_steps = st.train.num_steps
   log_every = max(st.train.log_every, 1)
   ckpt_every = st.train.checkpoint_every
@@ -622,6 +755,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if abort_at and done == abort_at:  # fault injection (tests): a hard kill
         ckpt.wait()
         os.kill(os.getpid(), signal.SIGKILL)
+      if done < num_steps and stops.stop_requested():
+        if last_good != done:
+          ckpt.save(done, state, run.data_iter, {"step": done, "objective": st.objective.kind,
+                                                 "time": time.time()})
+          last_good = done
+        ckpt.wait()
+        raise TrainingStopped(stops.received or "a stop signal", done, ckpt.directory)
   finally:
     ckpt.close()
   return last
