@@ -1,6 +1,8 @@
 """helios-jax: a JAX/Flax NNX reimplementation of Helios, the real-time long-video DiT.
 
 Top-level API (each loads a diffusers/transformers folder or our Orbax export):
+  Pipeline.from_pretrained(path)  -> Pipeline            (text/image/video-to-video; also
+                                                          callable as diffusers' pipelines)
   load_transformer(path, dtype)   -> HeliosTransformer   (the DiT denoiser)
   load_vae(path, dtype)           -> WanVAE              (Wan 2.1 causal video VAE)
   load_text_encoder(path, dtype)  -> TextEncoder         (umT5-XXL encoder)
@@ -26,3 +28,22 @@ from helios_jax.models.vae import WanVAE
 from helios_jax.models.vae import WanVAEConfig
 from helios_jax import schedulers
 from helios_jax import flops
+
+# Imported on first use (`helios_jax.Pipeline`), so `import helios_jax` stays as cheap as before.
+_LAZY = {"Pipeline": ("helios_jax.pipeline", "Pipeline"),
+         "PipelineOutput": ("helios_jax.pipeline", "PipelineOutput"),
+         "NOISE_KEYS": ("helios_jax.pipeline", "NOISE_KEYS")}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'helios_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))

@@ -5,6 +5,8 @@
   python -m helios_jax.generate --out outputs/demo.mp4     # embedded tiny random model (CPU ok)
   python -m helios_jax.generate --model_dir DIR --image first.jpg --prompt "..."       # I2V
   python -m helios_jax.generate --model_dir DIR --video clip.mp4 --prompt "..."        # V2V
+  python -m helios_jax.generate --model_dir DIR --lora my_lora.safetensors:0.8 \
+      --lora checkpoint-2000/model_ema --prompt "..."           # LoRA(s) fused at load
   python -m helios_jax.generate --model_dir DIR --interpolate_prompts \
       --prompt "a calm sea" --prompt "a storm at sea" --interpolate_time 22 \
       --num_frames 1452                                                               # interactive

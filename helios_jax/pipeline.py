@@ -11,6 +11,14 @@ chunk for chunk (spec sampling.md), with one jitted program per chunk kind (`chu
 the whole pyramid sampler of a chunk + the history update) and one per decode. Every random draw
 can be injected (`noise=`) in the reference's order (sampling.md §9) to replay its draws.
 
+diffusers users can call the pipeline as `HeliosPipeline` / `HeliosPyramidPipeline`, with the same
+argument names (`Pipeline.__call__`; differences listed there):
+
+  out = pipe("A cat ...", num_frames=99, pyramid_num_inference_steps_list=[2, 2, 2],
+             generator=42, output_type="np")      # out.frames [B, T, H, W, 3] in [0, 1]
+
+The replayable random draws (`noise=`) are listed, with their order, in `NOISE_KEYS`.
+
 Underneath, `Pipeline.generate_fn(...)` returns a single jitted pure function
 `generate_fn(params, inputs, rng)` that runs the same per-chunk programs (`chunk_noise` draws,
 `chunk_step`, `decode_step`) over all chunks with `jax.lax.scan` (for notebooks).
@@ -23,7 +31,7 @@ import functools
 import os
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +55,78 @@ DEFAULT_NEGATIVE_PROMPT = (
     "the background, walking backwards")
 COND_SIGMA_RANGE = (0.111, 0.135)
 
+# The `noise=` replay dict of `Pipeline.generate` / `stream` / `__call__` /
+# `prepare_conditioning`: the reference's random draws, injected in place of fresh JAX draws so a
+# run reproduces a PyTorch run (spec sampling.md §9). Keys are listed in diffusers 0.42.1's draw
+# order (conditioning first, then per chunk); shapes are the reference's torch layouts
+# (channel-first latents `[B, 16, T, h, w]`, h = height / 8, w = width / 8; uniforms are the raw
+# U[0, 1) draws before the scaling to the sigma range). Draws not given are drawn from the run's
+# key; a key not in this table, a key of another task, or a draw of the wrong shape is an error.
+#   key: (tasks, shape, what it is)
+NOISE_KEYS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "image_posterior": (("i2v",), "[B, 16, 1, h, w]",
+                        "1. VAE posterior eps of the image"),
+    "fake_posterior": (("i2v",), "[B, 16, 9, h, w]",
+                       "2. VAE posterior eps of the image repeated to 33 frames (the last latent "
+                       "frame is the fake history frame)"),
+    "image_uniform": (("i2v",), "[1]", "3. U[0, 1) of the anchor's sigma (image_noise_sigma_*)"),
+    "image_eps": (("i2v",), "[B, 16, 1, h, w]", "4. the anchor's noise"),
+    "fake_uniform": (("i2v",), "[1]",
+                     "5. U[0, 1) of the fake frame's sigma (video_noise_sigma_*)"),
+    "fake_eps": (("i2v",), "[B, 16, 1, h, w]", "6. the fake frame's noise"),
+    "first_posterior": (("v2v",), "[B, 16, 1, h, w]",
+                        "1. VAE posterior eps of the video's first frame"),
+    "block_posteriors": (("v2v",), "n x [B, 16, 9, h, w]",
+                         "2. VAE posterior eps of each of the n trailing 33-frame blocks"),
+    "anchor_uniform": (("v2v",), "[1]", "3. U[0, 1) of the anchor's sigma (image_noise_sigma_*)"),
+    "anchor_eps": (("v2v",), "[B, 16, 1, h, w]", "4. the anchor's noise"),
+    "block_uniforms": (("v2v",), "n x [9]",
+                       "5. per block i: U[0, 1) per latent frame (video_noise_sigma_*), drawn "
+                       "before block_eps[i]"),
+    "block_eps": (("v2v",), "n x [B, 16, 9, h, w]", "6. per block i: its noise"),
+    "chunks": (("t2v", "i2v", "v2v"), "K entries",
+               "then per chunk k (K = chunks generated): a `sampling.ChunkNoise`, or a dict with "
+               "'eps' [B, 16, 9, h, w] (the chunk's initial noise) and 'block' (pyramid only: "
+               "one raw draw [B*16*9*(h_s/2)*(w_s/2), 4] per stage s = 1..S-1, h_s = stage s's "
+               "latent height)"),
+}
+CHUNK_NOISE_KEYS = ("eps", "block")
+# What `callback_on_step_end` may read and replace (diffusers' `_callback_tensor_inputs`).
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+
+def check_noise(noise: dict[str, Any] | None, task: str) -> dict[str, Any]:
+  """Validates the keys of a `noise=` replay dict (`NOISE_KEYS`) for a task.
+
+  Args:
+    noise: the dict, or None.
+    task: 't2v' | 'i2v' | 'v2v'.
+
+  Returns:
+    A copy of the dict ({} for None).
+
+  Raises:
+    ValueError: naming a key that is unknown (with the closest known keys) or belongs to
+      another task.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+  if noise is None:
+    return {}
+  if not isinstance(noise, dict):
+    raise TypeError(f"noise must be a dict (keys: NOISE_KEYS), got {type(noise).__name__}")
+  for key in noise:
+    if key not in NOISE_KEYS:
+      close = difflib.get_close_matches(str(key), list(NOISE_KEYS), n=3)
+      hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+      raise ValueError(f"noise[{key!r}] is not a known draw{hint} (known: "
+                       f"{', '.join(NOISE_KEYS)}; see pipeline.NOISE_KEYS)")
+    tasks = NOISE_KEYS[key][0]
+    if task not in tasks:
+      raise ValueError(f"noise[{key!r}] is a {'/'.join(t.upper() for t in tasks)} draw, but this "
+                       f"run is {task.upper()} (its keys: "
+                       f"{', '.join(k for k, v in NOISE_KEYS.items() if task in v[0])})")
+  return dict(noise)
+
 
 # ------------------------------------------------------------------------------------------
 # Jitted building blocks (pure functions; graphdefs and sampler configs are static).
@@ -66,6 +146,12 @@ def chunk_step(graphdef: nnx.GraphDef, sc: sampling.SamplerConfig, first_chunk: 
   """
   out = sampling.sample_chunk(graphdef, params, sc, first_chunk, text, neg_text, state, noise,
                               constrain=constrain)
+  return sampling.advance(state, out, set_anchor), out.astype(jnp.float32), jnp.isfinite(out).all()
+
+
+@jax.jit
+def _finish_chunk(state: sampling.HistoryState, out: jax.Array, set_anchor: jax.Array):
+  """`chunk_step`'s tail for the step-by-step path: (new state, fp32 latents, finite flag)."""
   return sampling.advance(state, out, set_anchor), out.astype(jnp.float32), jnp.isfinite(out).all()
 
 
@@ -214,13 +300,14 @@ def lerp_embeddings(start: jax.Array, end: jax.Array, w: float) -> jax.Array:
 class ChunkOutput:
   """One finished chunk from `Pipeline.stream`.
 
-  index: chunk number k. frames: `[B, 33, H, W, 3]` (uint8, or fp32 in [0, 1]).
+  index: chunk number k. frames: `[B, 33, H, W, 3]` (uint8, or fp32 in [0, 1]); None with
+  `output_type="latent"` (not decoded).
   latents: `[B, 16, 9, h, w]` fp32 normalized latents (channel-first, like diffusers).
   dit_seconds / decode_seconds: wall time of the chunk's sampler and VAE decode.
   """
 
   index: int
-  frames: np.ndarray
+  frames: np.ndarray | None
   latents: np.ndarray
   dit_seconds: float
   decode_seconds: float
@@ -228,22 +315,53 @@ class ChunkOutput:
 
 @dataclasses.dataclass
 class GenerationOutput:
-  """frames: `[T, H, W, 3]` (one prompt) or `[B, T, H, W, 3]`, trimmed to 1 + 4k frames.
+  """frames: `[T, H, W, 3]` (one prompt) or `[B, T, H, W, 3]`, trimmed to 1 + 4k frames
+  (None with `output_type="latent"`).
 
   latents: `[B, 16, T_lat, h, w]` fp32 — the reference's `output_type="latent"` tensor
   (conditioning latents first for I2V/V2V, then every generated chunk).
   chunks: per-chunk timings.
+  seed: the int seed the run's key was made from (None when a key was passed); the same seed
+    repeats the run.
   """
 
-  frames: np.ndarray
+  frames: np.ndarray | None
   latents: np.ndarray
   chunks: list[ChunkOutput]
+  seed: int | None = None
 
   @property
   def fps(self) -> float:
     total = sum(c.dit_seconds + c.decode_seconds for c in self.chunks)
-    n = self.frames.shape[-4]
+    n = sampling.output_frames(len(self.chunks))
     return n / total if total else float("nan")
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+  """What `Pipeline.__call__` returns: diffusers' `HeliosPipelineOutput` plus our extras.
+
+  frames: as diffusers for `output_type`: "np" `[B, T, H, W, 3]` float32 in [0, 1]; "pil" a list
+    of B lists of T `PIL.Image`s; "latent" the `[B, 16, T_lat, h, w]` latents.
+  latents: `[B, 16, T_lat, h, w]` fp32 normalized latents (conditioning latents first for
+    I2V/V2V), whatever `output_type`.
+  seed: the int seed of the run (drawn from os.urandom when no `generator` was given; None when
+    a JAX key was given): `pipe(..., generator=out.seed)` repeats it.
+  chunks: per-chunk timings (`ChunkOutput` without frames).
+  """
+
+  frames: Any
+  latents: np.ndarray
+  seed: int | None = None
+  chunks: list[ChunkOutput] = dataclasses.field(default_factory=list)
+
+  def to_tuple(self) -> tuple[Any, ...]:
+    """(frames,) as diffusers' `return_dict=False`."""
+    return (self.frames,)
+
+  def __getitem__(self, i):
+    """`out[0]` is `frames`, as diffusers' `BaseOutput` indexing."""
+    return self.to_tuple()[i]
 
 
 @dataclasses.dataclass
@@ -269,7 +387,8 @@ def make_sampler_config(scheduler: Any, flags: Any, patch_size: Sequence[int],
                         steps: int | Sequence[int] | None = None,
                         guidance_scale: float | None = None, use_zero_init: bool = True,
                         zero_steps: int = 1, amplify_first_chunk: bool | None = None,
-                        block_noise_chol: Any = None) -> sampling.SamplerConfig:
+                        block_noise_chol: Any = None, sigmas: Any = None
+                        ) -> sampling.SamplerConfig:
   """The static sampler settings of a checkpoint for a resolution and the sampling knobs.
 
   Needs only the checkpoint's small config files (`read_pipeline_settings`), so a CLI can
@@ -285,6 +404,8 @@ def make_sampler_config(scheduler: Any, flags: Any, patch_size: Sequence[int],
     use_zero_init, zero_steps: CFG-Zero* zero-init (Mid).
     amplify_first_chunk: DMD doubles chunk 0's steps (default on for DMD checkpoints).
     block_noise_chol: 4x4 block-noise factor (e.g. dumped from a CUDA reference run).
+    sigmas: Base only: the custom sigma table (diffusers' `HeliosPipeline(sigmas=...)`), one per
+      step (default: `steps` = its length); used as float64.
 
   Raises:
     ValueError: naming the bad value.
@@ -293,8 +414,23 @@ def make_sampler_config(scheduler: Any, flags: Any, patch_size: Sequence[int],
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % 16:
       raise ValueError(f"{name}={v!r} must be a positive multiple of 16")
   defaults = variants.checkpoint_defaults(flags, scheduler)
+  base_sigmas = None
+  if sigmas is not None:
+    if defaults.pyramid:
+      raise ValueError("sigmas= is a Base (HeliosPipeline) option; a pyramid checkpoint's "
+                       "sigmas come from its scheduler (diffusers' HeliosPyramidPipeline "
+                       "ignores them)")
+    sig = np.asarray(_to_cf(sigmas), np.float64)
+    if sig.ndim != 1 or sig.size == 0 or not np.all(np.isfinite(sig)):
+      raise ValueError(f"sigmas={sigmas!r} must be a non-empty 1-D list of finite floats")
+    base_sigmas = tuple(float(v) for v in sig)
+    if steps is None:
+      steps = len(base_sigmas)
   steps = defaults.steps if steps is None else (
       (int(steps),) if np.isscalar(steps) else tuple(int(s) for s in steps))
+  if base_sigmas is not None and steps != (len(base_sigmas),):
+    raise ValueError(f"sigmas has {len(base_sigmas)} entries but steps={steps}: pass one sigma "
+                     "per step")
   w = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
   if w > 1.0 and defaults.distilled:
     warnings.warn(f"guidance_scale={w} on a distilled checkpoint: CFG will be applied (as "
@@ -310,7 +446,8 @@ def make_sampler_config(scheduler: Any, flags: Any, patch_size: Sequence[int],
       guidance=hs.guidance_mode(flags, w, defaults.pyramid), guidance_scale=w,
       use_zero_init=use_zero_init, zero_steps=zero_steps,
       amplify_first_chunk=bool(amplify_first_chunk), latent_height=height // 8,
-      latent_width=width // 8, patch_size=tuple(patch_size), block_noise_chol=chol)
+      latent_width=width // 8, patch_size=tuple(patch_size), block_noise_chol=chol,
+      base_sigmas=base_sigmas)
 
 
 def read_pipeline_settings(path: str | os.PathLike) -> tuple[Any, Any, Any]:
@@ -470,54 +607,94 @@ class Pipeline:
 
   # ---------------------------------------------------------------------------- conditioning
 
-  def _vae_sample(self, video_cf: np.ndarray, eps: Any, rng: jax.Array) -> jax.Array:
-    """Normalized posterior sample of `[B, 3, T, H, W]` -> `[B, T_lat, h, w, C]`."""
+  def _vae_sample(self, video_cf: np.ndarray, eps: Any, rng: jax.Array,
+                  name: str = "posterior") -> jax.Array:
+    """Normalized posterior sample of `[B, 3, T, H, W]` -> `[B, T_lat, h, w, C]`.
+
+    `eps` is the injected posterior draw `noise[name]` (`[B, 16, T_lat, h, w]`) or None.
+    """
     if eps is None:
       z = self.vae.encode(video_cf, sample=True, rng=rng)
     else:
-      z = self.vae.encode(video_cf, sample=True, noise=_to_cf(eps))
+      eps = _to_cf(eps)
+      b, _, t, hh, ww = video_cf.shape
+      want = (b, self.vae.config.z_dim, (t - 1) // 4 + 1, hh // 8, ww // 8)
+      if tuple(eps.shape) != want:
+        raise ValueError(f"noise[{name}] has shape {tuple(eps.shape)}; expected {want} "
+                         "(see pipeline.NOISE_KEYS)")
+      z = self.vae.encode(video_cf, sample=True, noise=eps)
     return jnp.moveaxis(self.vae.normalize(z), 1, -1)
 
   def prepare_conditioning(self, batch: int, height: int, width: int, image: Any = None,
                            video: Any = None, rng: jax.Array | None = None,
                            noise: dict[str, Any] | None = None,
-                           sigma_range: tuple[float, float] = COND_SIGMA_RANGE) -> Conditioning:
+                           sigma_range: tuple[float, float] = COND_SIGMA_RANGE,
+                           video_sigma_range: tuple[float, float] | None = None
+                           ) -> Conditioning:
     """The chunk-0 history for T2V / I2V / V2V (spec §3.2), reference draw order (§9).
 
     Args:
       batch: B.
       height, width: output size in pixels.
       image: I2V image (path, PIL image or `[H, W, 3]` array).
-      video: V2V video (path or `[T, H, W, 3]` array), at least 33 frames.
+      video: V2V video (path, `[T, H, W, 3]` array or list of frames), at least 33 frames.
       rng: key for the draws not given in `noise`.
-      noise: injected draws in the reference's layouts (eps channel-first `[B, C, T, h, w]`,
-        uniforms are the raw U[0, 1) draws before scaling to `sigma_range`): I2V
-        'image_posterior', 'fake_posterior', 'image_uniform' [1], 'image_eps', 'fake_uniform'
-        [1], 'fake_eps'; V2V 'first_posterior', 'block_posteriors' (list), 'anchor_uniform' [1],
-        'anchor_eps', 'block_uniforms' (list of [9]), 'block_eps' (list).
+      noise: injected draws in the reference's layouts, keys and order in `NOISE_KEYS`
+        (unknown keys, keys of another task and wrong shapes raise).
+      sigma_range: (min, max) of the anchor's noise sigma (diffusers'
+        `image_noise_sigma_min/max`).
+      video_sigma_range: (min, max) of the I2V fake frame's and the V2V blocks' noise sigmas
+        (diffusers' `video_noise_sigma_min/max`); None: `sigma_range`.
     """
     from helios_jax import media  # pylint: disable=g-import-not-at-top
     h, w, c = height // 8, width // 8, self.transformer.config.in_channels
     empty = sampling.empty_history(batch, h, w, c)
     if image is not None and video is not None:
       raise ValueError("pass image (I2V) or video (V2V), not both")
-    if image is None and video is None:
+    task = "t2v" if image is None and video is None else ("i2v" if image is not None else "v2v")
+    noise = {k: v for k, v in check_noise(noise, task).items() if k != "chunks"}
+    if task == "t2v":
       return Conditioning(empty, anchor_given=False)
-    noise = dict(noise or {})
     keys = iter(jax.random.split(jax.random.key(0) if rng is None else rng, 64))
-    lo, hi = sigma_range
+    ranges = {}
+    for name, rg in (("sigma_range", sigma_range),
+                     ("video_sigma_range", sigma_range if video_sigma_range is None
+                      else video_sigma_range)):
+      lo, hi = (float(v) for v in rg)
+      if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name}={tuple(rg)} must satisfy 0 <= min <= max <= 1")
+      ranges[name] = (lo, hi)
 
-    def draw_sigma(given, n=1):  # sigma = U[0, 1) * (hi - lo) + lo in fp32, as the reference
+    def draw_sigma(name, given, rg, n=1):  # sigma = U[0, 1) * (hi - lo) + lo in fp32
+      lo, hi = ranges[rg]
       if given is not None:
-        u = jnp.asarray(_to_cf(given), jnp.float32).reshape(n)
+        u = jnp.asarray(_to_cf(given), jnp.float32)
+        if u.size != n:
+          raise ValueError(f"noise[{name}] has shape {tuple(u.shape)}; expected [{n}] (see "
+                           "pipeline.NOISE_KEYS)")
+        u = u.reshape(n)
       else:
         u = jax.random.uniform(next(keys), (n,), jnp.float32)
       return u * jnp.float32(hi - lo) + jnp.float32(lo)
 
-    def draw_eps(name, shape):
-      if name in noise:
-        return jnp.moveaxis(jnp.asarray(_to_cf(noise[name]), jnp.float32), 1, -1)
-      return jax.random.normal(next(keys), shape, jnp.float32)
+    def draw_eps(name, given, shape):  # shape channels-last; `given` channel-first
+      if given is None:
+        return jax.random.normal(next(keys), shape, jnp.float32)
+      eps = _to_cf(given)
+      want = (shape[0], shape[-1]) + tuple(shape[1:-1])
+      if tuple(eps.shape) != want:
+        raise ValueError(f"noise[{name}] has shape {tuple(eps.shape)}; expected {want} (see "
+                         "pipeline.NOISE_KEYS)")
+      return jnp.moveaxis(jnp.asarray(eps, jnp.float32), 1, -1)
+
+    def listed(name, n):
+      if name not in noise:
+        return [None] * n
+      v = list(noise[name])
+      if len(v) != n:
+        raise ValueError(f"noise[{name!r}] has {len(v)} entries; the video has {n} blocks of "
+                         f"{CHUNK_FRAMES} frames")
+      return v
 
     def blend(sig, eps, lat):  # sigma * eps + (1 - sigma) * latents, sigma per frame
       sig = sig.reshape(1, -1, 1, 1, 1)
@@ -526,13 +703,15 @@ class Pipeline:
     if image is not None:
       img = media.load_image(image, height, width)                   # [3, H, W] in [-1, 1]
       frame = np.broadcast_to(img[None, :, None], (batch, 3, 1, height, width))
-      i_lat = self._vae_sample(frame, noise.get("image_posterior"), next(keys))
+      i_lat = self._vae_sample(frame, noise.get("image_posterior"), next(keys),
+                               "'image_posterior'")
       fake = np.broadcast_to(frame, (batch, 3, CHUNK_FRAMES, height, width))
-      f_lat = self._vae_sample(fake, noise.get("fake_posterior"), next(keys))[:, -1:]
-      i_sig = draw_sigma(noise.get("image_uniform"))
-      anchor = blend(i_sig, draw_eps("image_eps", i_lat.shape), i_lat)
-      f_sig = draw_sigma(noise.get("fake_uniform"))
-      fake_lat = blend(f_sig, draw_eps("fake_eps", f_lat.shape), f_lat)
+      f_lat = self._vae_sample(fake, noise.get("fake_posterior"), next(keys),
+                               "'fake_posterior'")[:, -1:]
+      i_sig = draw_sigma("'image_uniform'", noise.get("image_uniform"), "sigma_range")
+      anchor = blend(i_sig, draw_eps("'image_eps'", noise.get("image_eps"), i_lat.shape), i_lat)
+      f_sig = draw_sigma("'fake_uniform'", noise.get("fake_uniform"), "video_sigma_range")
+      fake_lat = blend(f_sig, draw_eps("'fake_eps'", noise.get("fake_eps"), f_lat.shape), f_lat)
       state = sampling.HistoryState(
           latents=jnp.concatenate([empty.latents[:, :-1], fake_lat], axis=1), anchor=anchor)
       return Conditioning(state, anchor_given=True, prefix_latents=fake_lat)
@@ -543,18 +722,19 @@ class Pipeline:
       raise ValueError(f"V2V video has {vid.shape[1]} frames; at least {CHUNK_FRAMES} needed")
     start = vid.shape[1] - n_blocks * CHUNK_FRAMES
     vb = np.broadcast_to(vid[None], (batch,) + vid.shape)
-    first = self._vae_sample(vb[:, :, :1], noise.get("first_posterior"), next(keys))
-    posts = noise.get("block_posteriors") or [None] * n_blocks
+    first = self._vae_sample(vb[:, :, :1], noise.get("first_posterior"), next(keys),
+                             "'first_posterior'")
+    posts = listed("block_posteriors", n_blocks)
     blocks = [self._vae_sample(vb[:, :, start + i * CHUNK_FRAMES:start + (i + 1) * CHUNK_FRAMES],
-                               posts[i], next(keys)) for i in range(n_blocks)]
-    a_sig = draw_sigma(noise.get("anchor_uniform"))
-    anchor = blend(a_sig, draw_eps("anchor_eps", first.shape), first)
+                               posts[i], next(keys), f"'block_posteriors'][{i}")
+              for i in range(n_blocks)]
+    a_sig = draw_sigma("'anchor_uniform'", noise.get("anchor_uniform"), "sigma_range")
+    anchor = blend(a_sig, draw_eps("'anchor_eps'", noise.get("anchor_eps"), first.shape), first)
+    uniforms, epss = listed("block_uniforms", n_blocks), listed("block_eps", n_blocks)
     noised = []
     for i, lat in enumerate(blocks):
-      sig = draw_sigma(noise["block_uniforms"][i] if "block_uniforms" in noise else None,
-                       lat.shape[1])
-      eps = (jnp.moveaxis(jnp.asarray(_to_cf(noise["block_eps"][i]), jnp.float32), 1, -1)
-             if "block_eps" in noise else jax.random.normal(next(keys), lat.shape, jnp.float32))
+      sig = draw_sigma(f"'block_uniforms'][{i}", uniforms[i], "video_sigma_range", lat.shape[1])
+      eps = draw_eps(f"'block_eps'][{i}", epss[i], lat.shape)
       noised.append(blend(sig, eps, lat))
     video_lat = jnp.concatenate(noised, axis=1)
     hist = jnp.concatenate([empty.latents, video_lat], axis=1)[:, -sampling.NUM_HISTORY_FRAMES:]
@@ -564,14 +744,28 @@ class Pipeline:
   # ---------------------------------------------------------------------------- sampling
 
   def _texts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, sc,
-             interpolate_prompts: bool):
+             interpolate_prompts: bool, max_sequence_length: int = 512,
+             num_videos_per_prompt: int = 1):
+    """(text `[B, L, D]`, negative text or None, B) in the transformer dtype.
+
+    With `num_videos_per_prompt` n, every prompt's (and negative prompt's) embedding row is
+    repeated n times in place (p0, p0, p1, p1, ...: diffusers' `repeat(1, n, 1).view(...)`).
+    """
+    if isinstance(num_videos_per_prompt, bool) or not isinstance(
+        num_videos_per_prompt, (int, np.integer)) or num_videos_per_prompt < 1:
+      raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt!r} must be an integer >= 1")
+    if interpolate_prompts and num_videos_per_prompt != 1:
+      raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} with interpolate_prompts: "
+                       "an interactive run makes one video")
+    n = int(num_videos_per_prompt)
+    rep = lambda e: e if n == 1 else jnp.repeat(e, n, axis=0)
     if prompt_embeds is None:
       if prompt is None:
         raise ValueError("pass prompt or prompt_embeds")
       if isinstance(prompt, (list, tuple)) and not prompt:
         raise ValueError("prompt list is empty")
-      prompt_embeds = self.encode_prompt(prompt)
-    prompt_embeds = jnp.asarray(prompt_embeds).astype(self.transformer.dtype)
+      prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
+    prompt_embeds = jnp.asarray(_to_cf(prompt_embeds)).astype(self.transformer.dtype)
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.transformer.config.text_dim:
       raise ValueError(f"prompt_embeds must be [B, L, {self.transformer.config.text_dim}], got "
                        f"{tuple(prompt_embeds.shape)}")
@@ -581,11 +775,14 @@ class Pipeline:
       if negative_prompt_embeds is None:
         neg_text = "" if negative_prompt is None else negative_prompt
         negs = [neg_text] * batch if isinstance(neg_text, str) else list(neg_text)
-        negative_prompt_embeds = self.encode_prompt(negs)
-      neg = jnp.asarray(negative_prompt_embeds).astype(self.transformer.dtype)[:batch]
+        negative_prompt_embeds = self.encode_prompt(negs, max_sequence_length)
+      neg = jnp.asarray(_to_cf(negative_prompt_embeds)).astype(self.transformer.dtype)[:batch]
       if neg.shape[0] != batch:
         raise ValueError(f"negative_prompt_embeds batch {neg.shape[0]} != {batch}")
-    return prompt_embeds, neg, batch
+      neg = rep(neg)
+    if not interpolate_prompts:
+      prompt_embeds = rep(prompt_embeds)
+    return prompt_embeds, neg, batch * n
 
   def stream(self, prompt: str | Sequence[str] | None = None, negative_prompt: Any = None,
              **kwargs) -> Iterator[ChunkOutput]:
@@ -609,7 +806,13 @@ class Pipeline:
              interpolate_time: int | Sequence[int] = 7, interpolation_steps: int = 3,
              noise: dict[str, Any] | None = None, output_type: str = "uint8",
              block_noise_chol: Any = None, progress: bool = True,
-             conditioning: Conditioning | None = None) -> Iterator[Any]:
+             conditioning: Conditioning | None = None, sigmas: Any = None,
+             num_videos_per_prompt: int = 1, max_sequence_length: int = 512,
+             sigma_range: tuple[float, float] = COND_SIGMA_RANGE,
+             video_sigma_range: tuple[float, float] | None = None,
+             callback_on_step_end: Callable[..., Any] | None = None,
+             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+             stepwise: bool = False) -> Iterator[Any]:
     """The chunk loop: yields the `Conditioning` first, then one `ChunkOutput` per chunk.
 
     Args:
@@ -622,32 +825,52 @@ class Pipeline:
       height, width: pixels, multiples of 16 (of 64 for the 3-stage pyramid).
       steps: Base steps or steps per pyramid stage (default 50 / [20]*3 / DMD [2]*3).
       guidance_scale: CFG scale (default 5.0, distilled 1.0).
-      seed / rng: randomness (rng wins); ignored for draws given in `noise`.
+      seed / rng: randomness (rng wins; seed None = 0); ignored for draws given in `noise`.
       prompt_embeds / negative_prompt_embeds: precomputed `[B, L, text_dim]` embeddings.
       use_zero_init, zero_steps: CFG-Zero* zero-init (Mid).
       amplify_first_chunk: DMD doubles chunk 0's steps (default on for DMD checkpoints).
       is_skip_first_chunk: re-anchor on chunk 1's first frame (I2V/V2V with a static start).
       interpolate_prompts, interpolate_time, interpolation_steps: interactive prompt switching
         (spec §6).
-      noise: injected draws: 'chunks' = list of `ChunkNoise` (or dicts with 'eps'
-        `[B, C, 9, h, w]` and 'block' = reference block draws `[N, 4]`), plus the
-        conditioning keys of `prepare_conditioning`.
-      output_type: 'uint8' | 'float' ([0, 1]).
+      noise: injected draws of the reference (keys, shapes and order: `NOISE_KEYS`; an unknown
+        key, a key of another task or a wrong shape raises).
+      output_type: 'uint8' | 'float' ([0, 1]) | 'latent' (no decoding: `frames` None).
       block_noise_chol: 4x4 block-noise factor (e.g. dumped from a CUDA reference run).
-      progress: tqdm bar over chunks.
+      progress: tqdm bars over chunks and denoising steps.
       conditioning: a precomputed `Conditioning` (skips image/video encoding).
+      sigmas: Base only: custom sigma table (see `make_sampler_config`).
+      num_videos_per_prompt: n videos per prompt (embedding rows repeated in place).
+      max_sequence_length: text tokens of `encode_prompt` (512).
+      sigma_range, video_sigma_range: conditioning noise-sigma ranges (`prepare_conditioning`).
+      callback_on_step_end: `callback(pipe, i, t, callback_kwargs) -> dict | None` after every
+        denoising step (i: the step within its pyramid stage, t: its scheduler timestep), as
+        diffusers; `callback_kwargs` holds the `callback_on_step_end_tensor_inputs` ("latents"
+        `[B, 16, 9, h_s, w_s]` channel-first at the stage's resolution, "prompt_embeds",
+        "negative_prompt_embeds") and a returned dict replaces them for the next steps (and the
+        embeddings for the next chunks). Runs the chunk step by step
+        (`sampling.sample_chunk_stepwise`), the same latents as the fused chunk program.
+      callback_on_step_end_tensor_inputs: names from `CALLBACK_TENSOR_INPUTS`.
+      stepwise: run the step-by-step path even without a callback.
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or \
         num_frames < 1:
       raise ValueError(f"num_frames={num_frames!r} must be an integer >= 1")
-    if output_type not in ("uint8", "float"):
-      raise ValueError(f"output_type={output_type!r} must be 'uint8' or 'float'")
+    if output_type not in ("uint8", "float", "latent"):
+      raise ValueError(f"output_type={output_type!r} must be 'uint8', 'float' or 'latent'")
+    tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
+    bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+    if bad:
+      raise ValueError(f"callback_on_step_end_tensor_inputs has {bad}; allowed: "
+                       f"{list(CALLBACK_TENSOR_INPUTS)}")
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+      raise TypeError(f"callback_on_step_end={callback_on_step_end!r} is not callable")
     sc = self.sampler_config(height, width, steps=steps, guidance_scale=guidance_scale,
                              use_zero_init=use_zero_init, zero_steps=zero_steps,
                              amplify_first_chunk=amplify_first_chunk,
-                             block_noise_chol=block_noise_chol)
+                             block_noise_chol=block_noise_chol, sigmas=sigmas)
     text, neg, batch = self._texts(prompt, negative_prompt, prompt_embeds,
-                                   negative_prompt_embeds, sc, interpolate_prompts)
+                                   negative_prompt_embeds, sc, interpolate_prompts,
+                                   max_sequence_length, num_videos_per_prompt)
     k_total = sampling.num_chunks(num_frames)
     plan = None
     if interpolate_prompts:
@@ -656,41 +879,62 @@ class Pipeline:
     if rng is None:
       rng = jax.random.key(0 if seed is None else int(seed))
     cond_key, chunk_key = chunk_keys(rng)
-    noise = dict(noise or {})
+    task = "t2v" if image is None and video is None else ("i2v" if image is not None else "v2v")
+    noise = check_noise(noise, task)
     if conditioning is None:
       conditioning = self.prepare_conditioning(batch, height, width, image, video, cond_key,
-                                               noise)
+                                               noise, sigma_range, video_sigma_range)
     yield conditioning
     state = conditioning.state
     injected = noise.get("chunks")
-    if injected is not None and len(injected) < k_total:
+    if injected is not None and len(injected) != k_total:
       raise ValueError(f"noise['chunks'] has {len(injected)} entries for {k_total} chunks")
     c = self.transformer.config.in_channels
-    bar = None
+    chunk_steps = lambda k: sum(s.num_steps for s in sampling.schedules(sc, k == 0))
+    bar = step_bar = None
     if progress:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=k_total, desc="chunks", unit="chunk")
+      step_bar = tqdm(total=sum(chunk_steps(k) for k in range(k_total)), desc="steps",
+                      unit="step", leave=False)
+    on_step = None
+    if callback_on_step_end is not None or step_bar is not None:
+      on_step = self._step_observer(callback_on_step_end, tensor_inputs, step_bar,
+                                    plan is not None)
     try:
       for k in range(k_total):
         if injected is not None:
-          cn = _injected_noise(injected[k], sc, batch, c)
+          cn = _injected_noise(injected[k], sc, batch, c, k)
         else:
           cn = chunk_noise(chunk_key, k, sc, batch, c)
         t_k = text if plan is None else lerp_embeddings(text[plan[k][0]], text[plan[k][1]],
                                                          plan[k][2])[None]
         set_anchor = sampling.set_anchor_flag(k, conditioning.anchor_given, is_skip_first_chunk)
         t0 = time.perf_counter()
-        state, latents, finite = chunk_step(
-            self.transformer.graphdef, sc, k == 0, self.transformer.params,
-            *self._on_mesh((t_k, neg, state, cn, jnp.asarray(set_anchor))),
-            constrain=self.token_constraint)
+        if callback_on_step_end is None and not stepwise:
+          state, latents, finite = chunk_step(
+              self.transformer.graphdef, sc, k == 0, self.transformer.params,
+              *self._on_mesh((t_k, neg, state, cn, jnp.asarray(set_anchor))),
+              constrain=self.token_constraint)
+          if step_bar is not None:
+            step_bar.update(chunk_steps(k))
+        else:
+          t_in, neg_in, state_in, cn_in = self._on_mesh((t_k, neg, state, cn))
+          out, t_out, neg = sampling.sample_chunk_stepwise(
+              self.transformer.graphdef, self.transformer.params, sc, k == 0, t_in, neg_in,
+              state_in, cn_in, on_step=on_step, constrain=self.token_constraint)
+          if plan is None:
+            text = t_out
+          state, latents, finite = _finish_chunk(state, out, jnp.asarray(set_anchor))
         latents = self._on_vae_device(latents)
         if not bool(finite):
           raise FloatingPointError(f"chunk {k}: the sampler produced NaN/Inf latents")
         t1 = time.perf_counter()
-        frames = np.asarray(decode_step(self.vae.graphdef, self.vae.params, latents,
-                                        self.vae.latents_mean, self.vae.latents_inv_std,
-                                        output_type))
+        frames = None
+        if output_type != "latent":
+          frames = np.asarray(decode_step(self.vae.graphdef, self.vae.params, latents,
+                                          self.vae.latents_mean, self.vae.latents_inv_std,
+                                          output_type))
         t2 = time.perf_counter()
         if bar is not None:
           bar.update(1)
@@ -698,30 +942,218 @@ class Pipeline:
         yield ChunkOutput(index=k, frames=frames, latents=np.moveaxis(np.asarray(latents), -1, 1),
                           dit_seconds=t1 - t0, decode_seconds=t2 - t1)
     finally:
-      if bar is not None:
-        bar.close()
+      for b in (step_bar, bar):
+        if b is not None:
+          b.close()
+
+  def _step_observer(self, callback, tensor_inputs, step_bar, interactive: bool):
+    """The `on_step` of `sampling.sample_chunk_stepwise` for a diffusers-style callback."""
+
+    def as_array(name, value, like):
+      arr = value if isinstance(value, jax.Array) else jnp.asarray(_to_cf(value))
+      if like is None or tuple(arr.shape) != tuple(like.shape):
+        raise ValueError(f"callback_on_step_end returned {name} of shape {tuple(arr.shape)}; "
+                         f"expected {None if like is None else tuple(like.shape)}")
+      return arr.astype(like.dtype)
+
+    def on_step(stage, i, t, x, text, neg):
+      del stage
+      if step_bar is not None:
+        step_bar.update(1)
+      if callback is None:
+        return None
+      current = {"latents": lambda: jnp.moveaxis(x, -1, 1), "prompt_embeds": lambda: text,
+                 "negative_prompt_embeds": lambda: neg}
+      out = callback(self, i, t, {name: current[name]() for name in tensor_inputs})
+      if out is None:
+        return None
+      if not isinstance(out, dict):
+        raise TypeError(f"callback_on_step_end must return a dict (or None), got "
+                        f"{type(out).__name__}")
+      unknown = [key for key in out if key not in CALLBACK_TENSOR_INPUTS]
+      if unknown:
+        raise ValueError(f"callback_on_step_end returned {unknown}; it may replace only "
+                         f"{list(CALLBACK_TENSOR_INPUTS)}")
+      if interactive and ("prompt_embeds" in out or "negative_prompt_embeds" in out):
+        raise ValueError("callback_on_step_end cannot replace the embeddings of an "
+                         "interactive (interpolate_prompts) run")
+      if "latents" in out:
+        x = jnp.moveaxis(as_array("latents", out["latents"], jnp.moveaxis(x, -1, 1)), 1, -1)
+      if "prompt_embeds" in out:
+        text = as_array("prompt_embeds", out["prompt_embeds"], text)
+      if "negative_prompt_embeds" in out:
+        neg = as_array("negative_prompt_embeds", out["negative_prompt_embeds"], neg)
+      return x, text, neg
+
+    return on_step
 
   def generate(self, prompt: str | Sequence[str] | None = None, negative_prompt: Any = None,
                **kwargs) -> GenerationOutput:
     """Runs `stream` to the end; frames trimmed to floor((33K - 1) / 4) * 4 + 1.
 
     Takes the arguments of `_run`. Returns a `GenerationOutput` (frames `[T, H, W, 3]` for a
-    single prompt, `[B, T, H, W, 3]` for a batch; latents `[B, 16, T_lat, h, w]`).
+    single prompt, `[B, T, H, W, 3]` for a batch, None for `output_type="latent"`; latents
+    `[B, 16, T_lat, h, w]`; seed: the `seed` used, None when `rng` was given).
     """
     run = self._run(prompt, negative_prompt, **kwargs)
     cond = next(run)
     chunks = list(run)
-    frames = np.concatenate([c.frames for c in chunks], axis=1)
-    frames = frames[:, :sampling.output_frames(len(chunks))]
+    frames = None
+    if chunks[0].frames is not None:
+      frames = np.concatenate([c.frames for c in chunks], axis=1)
+      frames = frames[:, :sampling.output_frames(len(chunks))]
     latents = np.concatenate([c.latents for c in chunks], axis=2)
     if cond.prefix_latents is not None:
       prefix = np.moveaxis(np.asarray(cond.prefix_latents), -1, 1)
       latents = np.concatenate([prefix, latents], axis=2)
-    single = frames.shape[0] == 1 and (prompt is None or isinstance(prompt, str) or
-                                       kwargs.get("interpolate_prompts", False))
-    return GenerationOutput(frames=frames[0] if single else frames, latents=latents,
-                            chunks=chunks)
+    single = latents.shape[0] == 1 and (prompt is None or isinstance(prompt, str) or
+                                        kwargs.get("interpolate_prompts", False))
+    seed = None if kwargs.get("rng") is not None else int(kwargs.get("seed", 0) or 0)
+    return GenerationOutput(frames=frames[0] if single and frames is not None else frames,
+                            latents=latents, chunks=chunks, seed=seed)
 
+
+  # ---------------------------------------------------------------------------- diffusers API
+
+  def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: Any = None,
+               height: int = 384, width: int = 640, num_frames: int = 132,
+               sigmas: Sequence[float] | None = None, guidance_scale: float | None = None,
+               num_videos_per_prompt: int = 1, generator: Any = None, latents: Any = None,
+               prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
+               output_type: str = "np", return_dict: bool = True,
+               attention_kwargs: dict[str, Any] | None = None,
+               callback_on_step_end: Callable[..., Any] | None = None,
+               callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+               max_sequence_length: int = 512, image: Any = None, image_latents: Any = None,
+               fake_image_latents: Any = None, add_noise_to_image_latents: bool = True,
+               image_noise_sigma_min: float = COND_SIGMA_RANGE[0],
+               image_noise_sigma_max: float = COND_SIGMA_RANGE[1], video: Any = None,
+               video_latents: Any = None, add_noise_to_video_latents: bool = True,
+               video_noise_sigma_min: float = COND_SIGMA_RANGE[0],
+               video_noise_sigma_max: float = COND_SIGMA_RANGE[1],
+               history_sizes: Sequence[int] = (16, 2, 1), num_latent_frames_per_chunk: int = 9,
+               keep_first_frame: bool = True, is_skip_first_chunk: bool = False,
+               num_inference_steps: int | None = None,
+               pyramid_num_inference_steps_list: Sequence[int] | None = None,
+               use_zero_init: bool = True, zero_steps: int = 1,
+               is_amplify_first_chunk: bool | None = None, **kwargs) -> Any:
+    """diffusers' `HeliosPipeline.__call__` / `HeliosPyramidPipeline.__call__`, same names.
+
+    The arguments mean what they mean in diffusers 0.42.1, with these differences:
+      - defaults of `num_inference_steps` / `pyramid_num_inference_steps_list`, `guidance_scale`
+        and `is_amplify_first_chunk` (None) are the checkpoint's (`variants.checkpoint_defaults`:
+        Base 50 steps, Mid [20, 20, 20], Distilled [2, 2, 2] with CFG off and the amplified
+        first chunk) where diffusers' signature has [10, 10, 10], 5.0 and False for every
+        checkpoint. `num_inference_steps` is Base only, `pyramid_num_inference_steps_list`
+        pyramid only (the other raises); `sigmas` (Base only) sets the steps to its length.
+      - `generator`: an int seed or a `jax.random.key`; None draws a fresh seed from
+        `os.urandom`, reported as `out.seed` (`generator=out.seed` repeats the run). JAX cannot
+        reproduce torch's random numbers, so a seed gives other videos than the same torch
+        seed; to replay a torch run pass its recorded draws as `noise=` (`NOISE_KEYS`).
+      - `latents` is accepted and ignored, as in diffusers 0.42.1 (its chunk loop calls
+        `prepare_latents(..., latents=None)`); a warning says so. Inject the per-chunk initial
+        noise with `noise={"chunks": [...]}` instead.
+      - `num_videos_per_prompt` = n makes n videos per prompt (the embeddings of prompts and
+        precomputed `prompt_embeds` alike repeated in place: p0, p0, p1, p1, ...); diffusers
+        0.42.1 repeats only the embeddings it encodes itself and keeps the latents' batch at
+        len(prompt), so there n > 1 fails with a prompt and is ignored with `prompt_embeds`.
+      - `output_type`: "np" (float32 `[B, T, H, W, 3]` in [0, 1]), "pil" (B lists of T PIL
+        images) or "latent" (no VAE decode: the `[B, 16, T_lat, h, w]` latents, numpy); no "pt".
+      - `callback_on_step_end(pipe, i, t, callback_kwargs)` gets this pipeline, the step i within
+        its pyramid stage, the scheduler timestep t (float) and JAX arrays ("latents"
+        channel-first `[B, 16, 9, h_s, w_s]` at the stage's resolution); it may return a dict
+        replacing any of them (numpy / JAX / torch CPU arrays of the same shape). With a callback
+        every denoising step is its own jitted call (same latents as the fused chunk program).
+        diffusers' `PipelineCallback` objects (torch-specific) are not supported.
+      - not supported (raise unless left at their defaults): `attention_kwargs`,
+        `image_latents`, `fake_image_latents`, `video_latents`, `add_noise_to_*_latents=False`,
+        other `history_sizes`, `num_latent_frames_per_chunk`, `keep_first_frame=False`.
+
+    Extra keyword arguments of ours: `noise` (replayed draws, `NOISE_KEYS`), `progress`
+    (tqdm bars over chunks and steps; default on), `block_noise_chol`, `interpolate_prompts`,
+    `interpolate_time`, `interpolation_steps`, `conditioning`, `stepwise` (see `_run`).
+
+    Returns:
+      `PipelineOutput` (`.frames` as diffusers, `.latents`, `.seed`), or `(frames,)` with
+      `return_dict=False`.
+    """
+    import difflib  # pylint: disable=g-import-not-at-top
+    extra = ("noise", "progress", "block_noise_chol", "interpolate_prompts", "interpolate_time",
+             "interpolation_steps", "conditioning", "stepwise")
+    for key in kwargs:
+      if key not in extra:
+        known = list(extra) + list(inspect_params(Pipeline.__call__))
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        extra_hint = " (use generator= for the seed)" if key in ("seed", "rng") else ""
+        raise TypeError(f"Pipeline.__call__() got an unexpected keyword argument {key!r}"
+                        f"{hint}{extra_hint}")
+    unsupported = {"attention_kwargs": (attention_kwargs, None),
+                   "image_latents": (image_latents, None),
+                   "fake_image_latents": (fake_image_latents, None),
+                   "video_latents": (video_latents, None),
+                   "add_noise_to_image_latents": (add_noise_to_image_latents, True),
+                   "add_noise_to_video_latents": (add_noise_to_video_latents, True),
+                   "num_latent_frames_per_chunk": (num_latent_frames_per_chunk, 9),
+                   "keep_first_frame": (keep_first_frame, True)}
+    for name, (value, default) in unsupported.items():
+      if (value is not None) if default is None else (value != default):
+        raise ValueError(f"{name}={value!r} is not supported (only {default!r})")
+    if sorted((int(v) for v in history_sizes), reverse=True) != [16, 2, 1]:
+      raise ValueError(f"history_sizes={list(history_sizes)!r} is not supported (only "
+                       "[16, 2, 1])")
+    if prompt is not None and prompt_embeds is not None:
+      raise ValueError("pass prompt or prompt_embeds, not both")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+      raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+    if output_type not in ("np", "pil", "latent"):
+      raise ValueError(f"output_type={output_type!r} must be 'np', 'pil' or 'latent'")
+    if self.is_pyramid:
+      if num_inference_steps is not None:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is HeliosPipeline's "
+                         "(Base); this pyramid checkpoint takes pyramid_num_inference_steps_list")
+      steps = pyramid_num_inference_steps_list
+    else:
+      if pyramid_num_inference_steps_list is not None:
+        raise ValueError(f"pyramid_num_inference_steps_list={pyramid_num_inference_steps_list!r}"
+                         " is HeliosPyramidPipeline's; this Base checkpoint takes "
+                         "num_inference_steps")
+      steps = num_inference_steps
+    if latents is not None:
+      warnings.warn("latents= is ignored, as diffusers 0.42.1's Helios pipelines ignore it "
+                    "(their chunk loop calls prepare_latents(..., latents=None)); pass "
+                    "noise={'chunks': [...]} to set the chunks' initial noise", stacklevel=2)
+    seed, rng = _seed_and_key(generator)
+    kind = {"np": "float", "pil": "uint8", "latent": "latent"}[output_type]
+    run = self._run(
+        prompt, negative_prompt, image=image, video=video, num_frames=num_frames, height=height,
+        width=width, steps=steps, guidance_scale=guidance_scale, rng=rng,
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        use_zero_init=use_zero_init, zero_steps=zero_steps,
+        amplify_first_chunk=is_amplify_first_chunk, is_skip_first_chunk=is_skip_first_chunk,
+        output_type=kind, sigmas=sigmas, num_videos_per_prompt=num_videos_per_prompt,
+        max_sequence_length=max_sequence_length,
+        sigma_range=(image_noise_sigma_min, image_noise_sigma_max),
+        video_sigma_range=(video_noise_sigma_min, video_noise_sigma_max),
+        callback_on_step_end=callback_on_step_end,
+        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **kwargs)
+    cond = next(run)
+    chunks = list(run)
+    lat = np.concatenate([c.latents for c in chunks], axis=2)
+    if cond.prefix_latents is not None:
+      lat = np.concatenate([np.moveaxis(np.asarray(cond.prefix_latents), -1, 1), lat], axis=2)
+    if output_type == "latent":
+      frames = lat
+    else:
+      frames = np.concatenate([c.frames for c in chunks], axis=1)
+      frames = frames[:, :sampling.output_frames(len(chunks))]
+      if output_type == "pil":
+        from PIL import Image  # pylint: disable=g-import-not-at-top
+        frames = [[Image.fromarray(f) for f in video] for video in frames]
+    chunks = [dataclasses.replace(c, frames=None) for c in chunks]
+    if not return_dict:
+      return (frames,)
+    return PipelineOutput(frames=frames, latents=lat, seed=seed, chunks=chunks)
 
   # ---------------------------------------------------------------------------- pure API
 
@@ -798,6 +1230,29 @@ def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, const
   return {"latents": lat, "frames": fr[:, :sampling.output_frames(k_total)]}
 
 
+def inspect_params(fn: Callable[..., Any]) -> list[str]:
+  """The keyword parameter names of `fn` (for "did you mean" hints)."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  return [p for p in inspect.signature(fn).parameters if p not in ("self", "kwargs")]
+
+
+def _seed_and_key(generator: Any) -> tuple[int | None, jax.Array]:
+  """(reported seed, key) of `__call__`'s `generator`: an int seed, a JAX key, or None (a fresh
+  31-bit seed from os.urandom)."""
+  if generator is None:
+    seed = int.from_bytes(os.urandom(4), "little") >> 1
+    return seed, jax.random.key(seed)
+  if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+    return int(generator), jax.random.key(int(generator))
+  if isinstance(generator, jax.Array) and (
+      jnp.issubdtype(generator.dtype, jax.dtypes.prng_key) or
+      (generator.dtype == jnp.uint32 and generator.shape == (2,))):
+    return None, generator
+  raise TypeError(f"generator={generator!r} ({type(generator).__name__}): pass an int seed or a "
+                  "jax.random.key; torch generators cannot drive JAX's random numbers (to replay "
+                  "a torch run, pass its draws as noise=, see pipeline.NOISE_KEYS)")
+
+
 def _to_cf(x: Any) -> np.ndarray:
   """torch tensors / arrays -> numpy (channel-first layout kept)."""
   if hasattr(x, "detach"):
@@ -806,21 +1261,40 @@ def _to_cf(x: Any) -> np.ndarray:
 
 
 def _injected_noise(entry: Any, sc: sampling.SamplerConfig, batch: int,
-                 channels: int) -> sampling.ChunkNoise:
-  """Injected chunk noise: a `ChunkNoise`, or reference tensors (torch layout)."""
-  if isinstance(entry, sampling.ChunkNoise):
-    return entry
-  eps = jnp.moveaxis(jnp.asarray(_to_cf(entry["eps"]), jnp.float32), 1, -1)
+                    channels: int, k: int = 0) -> sampling.ChunkNoise:
+  """Injected noise of chunk k (`noise['chunks'][k]`): a `ChunkNoise`, or the reference's
+  tensors (torch layout, `NOISE_KEYS`); a missing, unknown or misshapen entry raises naming it."""
+  name = f"noise['chunks'][{k}]"
   want = (batch, sampling.CHUNK_LATENT_FRAMES, sc.latent_height, sc.latent_width, channels)
-  if eps.shape != want:
-    raise ValueError(f"injected chunk noise has shape {tuple(eps.shape)} (channels-last); "
-                     f"expected {want}")
-  blocks = []
-  for k, z in enumerate(entry.get("block", ())):
-    h, w = sc.stage_sizes()[k + 1]
-    blocks.append(jnp.asarray(hs.block_noise_z_from_reference(
-        _to_cf(z), batch, channels, sampling.CHUNK_LATENT_FRAMES, h, w), jnp.float32))
-  if len(blocks) != sc.num_stages - 1:
-    raise ValueError(f"injected chunk noise has {len(blocks)} block draws; the "
+  if isinstance(entry, sampling.ChunkNoise):
+    if tuple(entry.eps.shape) != want or len(entry.block) != sc.num_stages - 1:
+      raise ValueError(f"{name} (ChunkNoise) has eps {tuple(entry.eps.shape)} and "
+                       f"{len(entry.block)} block draws; expected eps {want} (channels-last) and "
+                       f"{sc.num_stages - 1}")
+    return entry
+  if not isinstance(entry, dict):
+    raise TypeError(f"{name} must be a ChunkNoise or a dict with {list(CHUNK_NOISE_KEYS)}, got "
+                    f"{type(entry).__name__}")
+  unknown = [key for key in entry if key not in CHUNK_NOISE_KEYS]
+  if unknown or "eps" not in entry:
+    raise ValueError(f"{name} has keys {list(entry)}; expected 'eps' (and 'block' for a "
+                     f"pyramid model); see pipeline.NOISE_KEYS")
+  eps = _to_cf(entry["eps"])
+  want_cf = (batch, channels) + want[1:4]
+  if tuple(eps.shape) != want_cf:
+    raise ValueError(f"{name}['eps'] has shape {tuple(eps.shape)}; expected {want_cf} "
+                     "(channel-first, as the reference draws it)")
+  eps = jnp.moveaxis(jnp.asarray(eps, jnp.float32), 1, -1)
+  draws = list(entry.get("block", ()))
+  if len(draws) != sc.num_stages - 1:
+    raise ValueError(f"{name}['block'] has {len(draws)} block draws; the "
                      f"{sc.num_stages}-stage sampler needs {sc.num_stages - 1}")
+  blocks = []
+  for s, z in enumerate(draws):
+    h, w = sc.stage_sizes()[s + 1]
+    try:
+      blocks.append(jnp.asarray(hs.block_noise_z_from_reference(
+          _to_cf(z), batch, channels, sampling.CHUNK_LATENT_FRAMES, h, w), jnp.float32))
+    except ValueError as e:
+      raise ValueError(f"{name}['block'][{s}]: {e}") from None
   return sampling.ChunkNoise(eps=eps, block=tuple(blocks))

@@ -365,11 +365,10 @@ def run_stages(eps: jax.Array, tables: Sequence[Any], denoise: Sequence[Denoise]
                             or len(denoise_nograd) != num):
     raise ValueError("exits need the 'dmd' solver, one exit and one no-gradient denoiser per "
                      f"stage; got solver={solver!r} for {num} stages")
-  x = hs.noise_pyramid_start(eps.astype(F32), num)
+  x = None
   ends, states = [], []
   for k in range(num):
-    if k:
-      x = hs.stage_transition(x, block[k - 1], k, constants, chol=chol, noise_dtype=noise_dtype)
+    x = stage_start(x, eps, block, k, num, constants, chol, noise_dtype)
     if solver == "dmd":
       x = hs.run_dmd(x, tables[k], denoise[k], None if exits is None else exits[k],
                      None if exits is None else denoise_nograd[k])
@@ -382,6 +381,121 @@ def run_stages(eps: jax.Array, tables: Sequence[Any], denoise: Sequence[Denoise]
       states.append(jnp.moveaxis(before[np.asarray(record[k])], 0, 1))
     ends.append(x)
   return Trajectory(ends=tuple(ends), states=tuple(states))
+
+
+def stage_start(x: jax.Array | None, eps: jax.Array, block: Sequence[jax.Array], k: int,
+                num_stages: int, constants: hs.PyramidConstants | None = None,
+                chol: jax.Array | None = None, noise_dtype: Any = F32) -> jax.Array:
+  """The start sample of stage `k` (the one rule of `run_stages` and `sample_chunk_stepwise`).
+
+  Args:
+    x: stage k - 1's output `[B, 9, h_{k-1}, w_{k-1}, C]` (ignored for k = 0).
+    eps: `[B, 9, H, W, C]` full-resolution chunk noise.
+    block: the block-noise draws of the transitions (`ChunkNoise.block`).
+    k: the stage (static).
+    num_stages: S.
+    constants, chol, noise_dtype: as `run_stages`.
+
+  Returns:
+    Stage 0: the noise downsampled S - 1 times (fp32); stage k >= 1: `stage_transition` of `x`
+    with `block[k - 1]`.
+  """
+  if k == 0:
+    return hs.noise_pyramid_start(eps.astype(F32), num_stages)
+  return hs.stage_transition(x, block[k - 1], k, constants, chol=chol, noise_dtype=noise_dtype)
+
+
+# A per-step observer of `sample_chunk_stepwise`: on_step(stage, i, timestep, x, text, neg_text)
+# -> None (keep going) or (x, text, neg_text) replacing the sample and the embeddings.
+OnStep = Callable[[int, int, float, jax.Array, jax.Array, Any], Any]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stepwise_start(sc: SamplerConfig, k: int, noise_dtype: Any, x: jax.Array | None,
+                    noise: ChunkNoise, chol: jax.Array | None) -> jax.Array:
+  """`stage_start` of stage k as its own program (`sample_chunk_stepwise`)."""
+  constants = hs.pyramid.constants_for(sc.scheduler) if sc.pyramid else None
+  return stage_start(x, noise.eps, noise.block, k, sc.num_stages, constants, chol, noise_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("constrain",))
+def _stepwise_step(graphdef: nnx.GraphDef, sc: SamplerConfig, amplify: bool, k: int,
+                   params: nnx.State, text: jax.Array, neg_text: jax.Array | None,
+                   state: HistoryState, carry: tuple[Any, ...], i: jax.Array, *,
+                   constrain: Callable[[jax.Array], jax.Array] | None = None):
+  """Solver step i of stage k: the body of `run_unipc` / `run_euler` / `run_dmd`'s scan.
+
+  `amplify` (static) is `sc.amplified(first_chunk)`, so chunk 0 shares the programs of the other
+  chunks unless DMD amplifies it.
+
+  `carry` is (x, UniPCState) for UniPC, (x,) for Euler, (x, stage start) for DMD. Returns
+  (next carry, a 0-dim array of the velocity's dtype = the stage output dtype of Euler / DMD).
+  """
+  _, table, zero = _tables(sc, amplify)[k]
+  step = jax.tree.map(lambda a: jnp.asarray(a)[i], table)
+  denoise = denoiser(graphdef, params, sc, text, neg_text, state, zero, constrain=constrain)
+  x = carry[0]
+  v = denoise(x, step)
+  solver = sc.scheduler.solver
+  if solver == "unipc":
+    st, x_next = hs.unipc_step(carry[1], x, v, step)
+    new = (x_next, st)
+  elif solver == "euler":
+    new = (hs.euler_step(x, v, step).astype(jnp.promote_types(x.dtype, v.dtype)),)
+  else:
+    new = (hs.dmd_step(x, v, carry[1], step)[0], carry[1])
+  return new, jnp.zeros((), v.dtype)
+
+
+def sample_chunk_stepwise(graphdef: nnx.GraphDef, params: nnx.State, sc: SamplerConfig,
+                          first_chunk: bool, text: jax.Array, neg_text: jax.Array | None,
+                          state: HistoryState, noise: ChunkNoise, *,
+                          on_step: OnStep | None = None,
+                          constrain: Callable[[jax.Array], jax.Array] | None = None
+                          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`sample_chunk` with one jitted program per solver step, observable between the steps.
+
+  The same stage loop as `run_stages` (`stage_start`, then the solver's scan body step by step),
+  so without changes by `on_step` it gives `sample_chunk`'s latents (up to XLA fusing the step
+  differently). Host-side Python: do not call it inside jit.
+
+  Args:
+    graphdef, params, sc, first_chunk, text, neg_text, state, noise, constrain: as
+      `sample_chunk`.
+    on_step: called after every solver step as `on_step(stage, i, timestep, x, text, neg_text)`
+      with `x` the sample after step i of `stage` (`[B, 9, h_k, w_k, C]`, channels-last);
+      returns None, or `(x, text, neg_text)` used from the next step on (diffusers'
+      `callback_on_step_end` replacing `latents` / `prompt_embeds` / `negative_prompt_embeds`).
+
+  Returns:
+    (chunk latents `[B, 9, h, w, C]` as `sample_chunk`, the final text and negative
+    embeddings).
+  """
+  dt = nnx.merge(graphdef, params).dtype
+  chol = None if sc.block_noise_chol is None else jnp.asarray(sc.block_noise_chol, F32)
+  solver = sc.scheduler.solver
+  x = None
+  amplify = sc.amplified(first_chunk)
+  for k, (sched, table, _) in enumerate(_tables(sc, amplify)):
+    x = _stepwise_start(sc, k, dt, x, noise, chol)
+    if solver == "unipc":
+      carry = (x, hs.unipc_init(x, table.c_rk.shape[-1] + 1))
+    elif solver == "euler":
+      carry = (x,)
+    else:
+      carry = (x, x)
+    out_dtype = x.dtype
+    for i in range(sched.num_steps):
+      carry, marker = _stepwise_step(graphdef, sc, amplify, k, params, text, neg_text, state,
+                                     carry, i, constrain=constrain)
+      out_dtype = marker.dtype
+      if on_step is not None:
+        upd = on_step(k, i, float(table.timestep[i]), carry[0], text, neg_text)
+        if upd is not None:
+          new_x, text, neg_text = upd
+          carry = (jnp.asarray(new_x).astype(carry[0].dtype),) + tuple(carry[1:])
+    x = carry[0] if solver == "unipc" else carry[0].astype(out_dtype)
+  return x, text, neg_text
 
 
 def advance(state: HistoryState, chunk: jax.Array, set_anchor: jax.Array | bool) -> HistoryState:

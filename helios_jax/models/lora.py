@@ -27,7 +27,7 @@ kernel-sized conv, B a 1x1x1 conv, so `B @ A` on the flattened kernel), in fp32 
 parameters' device, rounded once to the parameter dtype; several adapters on one kernel are
 summed in one rank-concatenated product. Partial files are applied before the LoRA deltas
 (the official merge loads the LoRA, replaces the partial tensors, then fuses). Torch names
-reach Flax paths through the transformer's `key_map` (`transformer.TRANSFORMER_SPEC`), blocks
+reach Flax paths through the transformer's `key_map` (passed in by `load_transformer`), blocks
 land in their layer slice of the stacked leaves.
 
 Entries (`load_transformer(path, lora=[(path, scale), ...])`, CLI `--lora PATH[:SCALE]`):
@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -212,8 +212,12 @@ class LoraModule:
     name: diffusers module name, e.g. "blocks.0.attn1.to_q".
     down: lora_A weight `[r, in, *k]` (fp32).
     up: lora_B weight `[out, r, *1]` (fp32), or None for a pure bias / dense delta.
-    scaling: the file's scale (alpha / r, PEFT semantics), multiplied by the user scale later.
+    scaling: the file's scale of `B @ A` (an `.alpha` tensor's alpha / r times the metadata's
+      PEFT scale), multiplied by the user scale later.
     up_bias: lora_B bias `[out]` (fp32) or None.
+    peft_scaling: the scale of `up_bias` and `dense`: PEFT scales the lora_B output, bias
+      included, by the metadata's alpha / r; an `.alpha` tensor scales only the factors
+      (diffusers folds it into A and B when converting Wan / musubi files).
     dense: a full weight delta in the torch layout (Wan `head.head.diff`) or None.
     source: the file key that names this module in errors.
   """
@@ -223,6 +227,7 @@ class LoraModule:
   up: np.ndarray | None
   scaling: float
   up_bias: np.ndarray | None = None
+  peft_scaling: float = 1.0
   dense: np.ndarray | None = None
   source: str = ""
 
@@ -366,7 +371,7 @@ def read_lora(path: str) -> dict[str, LoraModule]:
     if (down is None) != (up is None):
       have, miss = ("lora_A", "lora_B") if up is None else ("lora_B", "lora_A")
       raise LoraError(f"{path}: {source!r} has {have} but no {miss} for module {name!r}")
-    scaling = 1.0
+    scaling = peft_scaling = 1.0
     if down is not None:
       if down.ndim < 2 or up.ndim < 2:
         raise LoraError(f"{path}: {g['down'][0]!r} {down.shape} / {g['up'][0]!r} {up.shape}: "
@@ -383,12 +388,14 @@ def read_lora(path: str) -> dict[str, LoraModule]:
         if mr != r:
           raise LoraError(f"{path}: {g['down'][0]!r} has rank {r} but the adapter metadata "
                           f"says r={mr} for {name!r}")
-        scaling *= ma / (math.sqrt(mr) if meta.get("use_rslora") else mr)
+        peft_scaling = ma / (math.sqrt(mr) if meta.get("use_rslora") else mr)
+        scaling *= peft_scaling
     dense = None
     if "diff" in g:  # Wan head.head.diff: diffusers loads it as lora_A with an identity lora_B
       dense = g["diff"][1]
     out[name] = LoraModule(name=name, down=down, up=up, scaling=scaling,
-                           up_bias=g.get("up_bias", (None, None))[1], dense=dense,
+                           up_bias=g.get("up_bias", (None, None))[1],
+                           peft_scaling=peft_scaling, dense=dense,
                            source=source)
   if not out:
     raise LoraError(f"{path}: no LoRA tensors found")
@@ -435,13 +442,14 @@ def read_partial(path: str) -> dict[str, np.ndarray]:
 # Names.
 
 
-def _key_map(config: Any):
-  from helios_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  return transformer.TRANSFORMER_SPEC.key_map(config)
-
-
-def torch_key(path: Sequence[str], layer: int | None, config: Any) -> str:
+def torch_key(path: Sequence[str], layer: int | None, key_map: checkpoint.KeyMap) -> str:
   """Inverse of the transformer's `key_map`: (Flax leaf path, layer) -> diffusers key.
+
+  Args:
+    path: Flax leaf path, e.g. ("blocks", "attn1", "to_out", "kernel").
+    layer: block index for stacked leaves (`blocks/...`), else None.
+    key_map: the transformer's torch -> Flax map (`TRANSFORMER_SPEC.key_map(config)`), which
+      must give (path, layer) back.
 
   Raises:
     CheckpointError: when the forward map does not give (path, layer) back.
@@ -459,15 +467,16 @@ def torch_key(path: Sequence[str], layer: int | None, config: Any) -> str:
   name = name.replace("ffn.proj_in.", "ffn.net.0.proj.").replace("ffn.proj_out.", "ffn.net.2.")
   if stacked:
     name = f"blocks.{layer}.{name}"
-  if _key_map(config)(name) != (tuple(path), layer if stacked else None):
+  if key_map(name) != (tuple(path), layer if stacked else None):
     raise CheckpointError(f"no diffusers name for {'/'.join(path)}[{layer}] (tried {name!r})")
   return name
 
 
-def _target(name: str, leaf: str, flat: Mapping[tuple[str, ...], Any], config: Any,
-            source: str, path: str) -> tuple[tuple[str, ...], int | None]:
+def _target(name: str, leaf: str, flat: Mapping[tuple[str, ...], Any],
+            key_map: checkpoint.KeyMap, source: str,
+            path: str) -> tuple[tuple[str, ...], int | None]:
   """diffusers `<module>.<leaf>` -> (Flax path, layer); errors name `source`."""
-  mapped = _key_map(config)(f"{name}.{leaf}")
+  mapped = key_map(f"{name}.{leaf}")
   fpath = None if mapped is None else mapped[0]
   if mapped is None or fpath not in flat:
     raise LoraError(f"{path}: key {source!r} matches no parameter of the Helios transformer "
@@ -509,12 +518,12 @@ def _flax_factors(mod: LoraModule, scale: float) -> tuple[np.ndarray, np.ndarray
   return (scale * mod.scaling * a).astype(np.float32), b.astype(np.float32)
 
 
-def fuse(params: Mapping[str, Any], config: Any, lora: Any) -> dict[str, Any]:
+def fuse(params: Mapping[str, Any], key_map: checkpoint.KeyMap, lora: Any) -> dict[str, Any]:
   """Parameters with the entries' partial tensors replaced and LoRA deltas added.
 
   Args:
     params: nested dict of the transformer's parameters (arrays; blocks stacked `[L, ...]`).
-    config: its `HeliosTransformerConfig` (for the key map).
+    key_map: the transformer's torch -> Flax key map (`TRANSFORMER_SPEC.key_map(config)`).
     lora: `[(path, scale), ...]` (see `normalize_entries` / `resolve_entry`).
 
   Returns:
@@ -536,7 +545,7 @@ def fuse(params: Mapping[str, Any], config: Any, lora: Any) -> dict[str, Any]:
   for pfile in partials:
     for name, value in read_partial(pfile).items():
       module, _, leaf = name.rpartition(".")
-      fpath, layer = _target(module, leaf, flat, config, name, pfile)
+      fpath, layer = _target(module, leaf, flat, key_map, name, pfile)
       target = flat[fpath]
       shape = target.shape[1:] if layer is not None else target.shape
       try:
@@ -552,7 +561,7 @@ def fuse(params: Mapping[str, Any], config: Any, lora: Any) -> dict[str, Any]:
   additive: dict[tuple[str, ...], list[tuple[int | None, np.ndarray]]] = {}
   for lfile, scale, modules in loras:
     for name, mod in modules.items():
-      fpath, layer = _target(name, "weight", flat, config, mod.source, lfile)
+      fpath, layer = _target(name, "weight", flat, key_map, mod.source, lfile)
       if fpath[-1] != "kernel":
         raise LoraError(f"{lfile}: key {mod.source!r}: {name!r} is not a Linear/Conv weight "
                         f"({'/'.join(fpath)}); LoRA adapts only kernels")
@@ -570,14 +579,14 @@ def fuse(params: Mapping[str, Any], config: Any, lora: Any) -> dict[str, Any]:
           raise LoraError(f"{lfile}: shape mismatch: {name}.diff is {mod.dense.shape}, "
                           f"{name}.weight is {want}")
         delta = checkpoint.torch_to_flax(mod.dense, "kernel", kshape)
-        additive.setdefault(fpath, []).append((layer, scale * mod.scaling * delta))
+        additive.setdefault(fpath, []).append((layer, scale * mod.peft_scaling * delta))
       if mod.up_bias is not None:
-        bpath, blayer = _target(name, "bias", flat, config, mod.source, lfile)
+        bpath, blayer = _target(name, "bias", flat, key_map, mod.source, lfile)
         bshape = tuple(flat[bpath].shape[1:] if blayer is not None else flat[bpath].shape)
         if tuple(mod.up_bias.shape) != bshape:
           raise LoraError(f"{lfile}: shape mismatch: lora_B bias of {name!r} is "
                           f"{mod.up_bias.shape}, {name}.bias is {bshape}")
-        additive.setdefault(bpath, []).append((blayer, scale * mod.scaling * mod.up_bias))
+        additive.setdefault(bpath, []).append((blayer, scale * mod.peft_scaling * mod.up_bias))
 
   fuse_fn = _fuse_fn() if terms else None
   for fpath, items in terms.items():
@@ -613,15 +622,10 @@ def fuse(params: Mapping[str, Any], config: Any, lora: Any) -> dict[str, Any]:
   return checkpoint.unflatten_tree(flat)
 
 
-def fuse_into_module(model: Any, config: Any, lora: Any) -> None:
+def fuse_into_module(model: Any, key_map: checkpoint.KeyMap, lora: Any) -> None:
   """`fuse` applied in place to an NNX module's parameters."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   state = nnx.state(model)
-  new = fuse(nnx.to_pure_dict(state), config, lora)
+  new = fuse(nnx.to_pure_dict(state), key_map, lora)
   nnx.replace_by_pure_dict(state, new)
   nnx.update(model, state)
-
-
-def describe(lora: Iterable[tuple[str, float]]) -> str:
-  """One line per entry for logs: `path (scale s)`."""
-  return ", ".join(f"{p} (scale {s:g})" for p, s in lora)

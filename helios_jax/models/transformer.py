@@ -570,7 +570,7 @@ def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
   config, model = checkpoint.load_model(spec, path, dtype)
   if lora:
     from helios_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-    lora_lib.fuse_into_module(model, config, lora)
+    lora_lib.fuse_into_module(model, spec.key_map(config), lora)
   return HeliosTransformer(config, model)
 
 

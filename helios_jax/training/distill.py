@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import sampling
+from helios_jax import variants
 from helios_jax.schedulers import pyramid as pyr
 from helios_jax.schedulers import tables
 from helios_jax.training import corrupt as corrupt_lib
@@ -83,8 +84,8 @@ class Stage3Config:
       `corrupt.saturation`).
   """
 
-  student_steps: tuple[int, ...] = (2, 2, 2)
-  amplify_first_chunk: bool = True
+  student_steps: tuple[int, ...] = variants.VARIANTS["distilled"].default_steps
+  amplify_first_chunk: bool = variants.VARIANTS["distilled"].amplify_first_chunk
   ode_weight: float = 80.0
   ode_sections: int = 3
   gen_update_ratio: int = 5

@@ -3,7 +3,7 @@
   python -m helios_jax.training.lora_export --workdir=/runs/stage1_init --out=/ckpt/s1_lora \
       [--step=N] [--ema] [--partial_format=pth|safetensors]
 
-Reads the run like `training.merge` does (`<workdir>/config.json`, the trainables of the latest
+Reads the run as `training.merge` does (`<workdir>/config.json`, the trainables of the latest
 or given Orbax checkpoint, `--ema`: the Stage 3 EMA generator) and writes, atomically:
 
   <out>/pytorch_lora_weights.safetensors   the LoRA factors in diffusers naming,
@@ -29,6 +29,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
@@ -37,19 +38,55 @@ from helios_jax import checkpoint
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import lora as lora_io
 from helios_jax.models import transformer
+from helios_jax.training import checkpointing
 from helios_jax.training import lora
-from helios_jax.training import merge
 from helios_jax.training import model as model_lib
 from helios_jax.training import trainer
 
 PARTIAL_FORMATS = ("pth", "safetensors")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (must not exist).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_EMA = flags.DEFINE_bool("ema", False, "Export the EMA trainables (Stage 3) instead of the live ones.")
+# The same names as `training.merge`'s flags (absl: allow_override, so a process may hold both).
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).",
+                               allow_override=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder (must not exist).", allow_override=True)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
+                             allow_override=True)
+_EMA = flags.DEFINE_bool("ema", False, "Export the EMA trainables (Stage 3) instead of the live "
+                         "ones.", allow_override=True)
 _PARTIAL_FORMAT = flags.DEFINE_enum("partial_format", "pth", PARTIAL_FORMATS,
                                     "Format of the fully trained tensors' file.")
+
+
+def read_run(workdir: str) -> trainer.Settings:
+  """The typed settings of a run (`<workdir>/config.json`, as `training.merge` reads it)."""
+  path = os.path.join(workdir, trainer.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no run config {path}: not a helios_jax training workdir")
+  with open(path) as f:
+    return trainer.settings_from_config(ml_collections.ConfigDict(json.load(f)))
+
+
+def restore_trainables(workdir: str, step: int | None = None,
+                       ema: bool = False) -> tuple[dict[str, Any], int]:
+  """(trainables or their EMA as host arrays, step) of a checkpoint (default: the latest).
+
+  Restored without a target (only the trainables are needed, not the optimizer state).
+  """
+  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None or step not in steps:
+      raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt.directory} "
+                              f"(have {steps})")
+    state, _ = ckpt.restore_state(step)
+  finally:
+    ckpt.close()
+  name = "ema" if ema else "trainables"
+  if name not in state:
+    raise KeyError(f"checkpoint step {step} in {ckpt.directory} has no {name!r} entry "
+                   f"(entries: {sorted(state)}); EMA exists only when ema.enabled")
+  return jax.tree.map(np.asarray, state[name]), step
 
 
 def base_shapes(st: trainer.Settings) -> tuple[HeliosTransformerConfig, dict[str, Any]]:
@@ -95,6 +132,7 @@ def lora_tensors(trainables: Mapping[str, Any], abstract: Mapping[str, Any],
     ({"transformer.<module>.lora_A.weight": [r, in, *k], ".lora_B.weight": [out, r, *1]},
     sorted module names).
   """
+  key_map = transformer.TRANSFORMER_SPEC.key_map(config)
   out: dict[str, np.ndarray] = {}
   modules = []
   for path in checkpoint.flatten_tree(trainables.get("lora", {})):
@@ -112,7 +150,7 @@ def lora_tensors(trainables: Mapping[str, Any], abstract: Mapping[str, Any],
       a = a_all[layer] if stacked else a_all   # [fan_in, r], rows ordered (*k, in)
       b = b_all[layer] if stacked else b_all   # [r, out]
       r = a.shape[-1]
-      name = lora_io.torch_key(module + ("kernel",), layer, config).removesuffix(".weight")
+      name = lora_io.torch_key(module + ("kernel",), layer, key_map).removesuffix(".weight")
       down = a.reshape(kshape[:-1] + (r,))           # [*k, in, r]
       down = _torch_kernel(down)                      # [r, in, *k]
       up = b.T.reshape((kshape[-1], r) + (1,) * (len(kshape) - 2))
@@ -125,13 +163,14 @@ def lora_tensors(trainables: Mapping[str, Any], abstract: Mapping[str, Any],
 def partial_tensors(trainables: Mapping[str, Any],
                     config: HeliosTransformerConfig) -> dict[str, np.ndarray]:
   """The fully trained tensors in diffusers names and torch layout (`transformer_partial`)."""
+  key_map = transformer.TRANSFORMER_SPEC.key_map(config)
   out = {}
   for path, x in checkpoint.flatten_tree(trainables.get("full", {})).items():
     x = np.asarray(x, np.float32)
     stacked = path[0] == "blocks"
     for layer in (range(x.shape[0]) if stacked else [None]):
       v = x[layer] if stacked else x
-      out[lora_io.torch_key(path, layer, config)] = (
+      out[lora_io.torch_key(path, layer, key_map)] = (
           _torch_kernel(v) if path[-1] == "kernel" and v.ndim >= 2 else np.ascontiguousarray(v))
   return out
 
@@ -155,7 +194,7 @@ def _save_partial(tensors: dict[str, np.ndarray], folder: str, fmt: str) -> str:
   except ImportError as e:
     raise RuntimeError("--partial_format=pth needs torch; use --partial_format=safetensors") from e
   path = os.path.join(folder, lora_io.PARTIAL_PTH_NAME)
-  torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
   return path
 
 
@@ -176,10 +215,9 @@ def export_run(workdir: str, out: str, step: int | None = None, ema: bool = Fals
   """
   if partial_format not in PARTIAL_FORMATS:
     raise ValueError(f"partial_format={partial_format!r} must be one of {PARTIAL_FORMATS}")
-  st = trainer.settings_from_config(merge.read_run_config(workdir))
+  st = read_run(workdir)
   config, abstract = base_shapes(st)
-  trainables, step = merge.restore_trainables(workdir, abstract, st, step, ema)
-  trainables = jax.tree.map(np.asarray, trainables)
+  trainables, step = restore_trainables(workdir, step, ema)
   tensors, modules = lora_tensors(trainables, abstract, config)
   partial = partial_tensors(trainables, config)
   if not tensors and not partial:

@@ -65,6 +65,7 @@ from flax import nnx
 
 from helios_jax import runtime
 from helios_jax import sampling
+from helios_jax import variants
 from helios_jax.data import ode_pairs as dataset
 from helios_jax import schedulers as hs
 from helios_jax.schedulers import pyramid as pyr
@@ -224,9 +225,9 @@ class OdeConfig:
     scheduler: the teacher's UniPC scheduler config.
   """
 
-  teacher_steps: tuple[int, ...] = (20, 20, 20)
-  student_steps: tuple[int, ...] = (2, 2, 2)
-  guidance_scale: float = 5.0
+  teacher_steps: tuple[int, ...] = variants.VARIANTS["mid"].default_steps
+  student_steps: tuple[int, ...] = variants.VARIANTS["distilled"].default_steps
+  guidance_scale: float = variants.VARIANTS["mid"].default_guidance_scale
   latent_height: int = 48
   latent_width: int = 80
   channels: int = 16
