@@ -48,6 +48,16 @@ def parse_arg(arg: str | None, **spec):
   return out
 
 
+def parse_phase_arg(arg: str | None, stage: str, steps: int):
+  """(args, phase) of a two-phase stage (1 or 2): "init" (default) | "post" (or bare `post`),
+  plus "init=<dir>", "tiny", "toy=<dir>", "steps=N" (default `steps`)."""
+  a = parse_arg(arg, phase="init", init="", post=False, tiny=False, toy="", steps=steps)
+  phase = "post" if a.post else a.phase
+  if phase not in ("init", "post"):
+    raise ValueError(f"{stage} phase={phase!r} must be 'init' or 'post'")
+  return a, phase
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields shared by Stages 1-2 with the released values (spec §7.0 "Common", §7.1).
 

@@ -30,10 +30,7 @@ except ImportError:  # launched from outside the repository root
 
 def get_config(arg=None):
   """Stage 1 config; arg: "init" (default) | "post", plus "tiny", "toy=<dir>", "steps=N"."""
-  a = common.parse_arg(arg, phase="init", init="", post=False, tiny=False, toy="", steps=30)
-  phase = "post" if a.post else a.phase
-  if phase not in ("init", "post"):
-    raise ValueError(f"stage1 phase={phase!r} must be 'init' or 'post'")
+  a, phase = common.parse_phase_arg(arg, "stage1", steps=30)
   c = common.base_config()
   c.stage = f"stage1_{phase}"
   c.seed = 43 if phase == "init" else 44

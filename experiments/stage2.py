@@ -30,10 +30,7 @@ except ImportError:  # launched from outside the repository root
 
 def get_config(arg=None):
   """Stage 2 config; arg: "init" (default) | "post", plus "tiny", "toy=<dir>", "steps=N"."""
-  a = common.parse_arg(arg, phase="init", init="", post=False, tiny=False, toy="", steps=20)
-  phase = "post" if a.post else a.phase
-  if phase not in ("init", "post"):
-    raise ValueError(f"stage2 phase={phase!r} must be 'init' or 'post'")
+  a, phase = common.parse_phase_arg(arg, "stage2", steps=20)
   c = common.base_config()
   c.stage = f"stage2_{phase}"
   c.seed = 45 if phase == "init" else 46

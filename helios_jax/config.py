@@ -34,6 +34,16 @@ class JsonConfig:
 
   IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset()
   CONFIG_NAME: ClassVar[str] = "config.json"
+  # Named configs of a subclass (e.g. "tiny"), set once its module defines them.
+  PRESETS: ClassVar[Mapping[str, Any]] = {}
+
+  @classmethod
+  def from_preset(cls, name: str):
+    """The named config; an unknown name raises `ConfigError` listing the known ones."""
+    if name not in cls.PRESETS:
+      raise ConfigError(f"unknown preset {name!r} of {cls.__name__}; known: "
+                        f"{sorted(cls.PRESETS)}")
+    return cls.PRESETS[name]
 
   @classmethod
   def field_names(cls) -> tuple[str, ...]:
@@ -144,12 +154,6 @@ class HeliosTransformerConfig(JsonConfig):
   def out_dim(self) -> int:
     return self.out_channels or self.in_channels
 
-  @classmethod
-  def from_preset(cls, name: str) -> "HeliosTransformerConfig":
-    if name not in TRANSFORMER_PRESETS:
-      raise ConfigError(f"unknown preset {name!r}; known: {sorted(TRANSFORMER_PRESETS)}")
-    return TRANSFORMER_PRESETS[name]
-
 
 TRANSFORMER_PRESETS: dict[str, HeliosTransformerConfig] = {
     # The released Helios-Base / -Mid / -Distilled transformer (14,312,427,584 parameters).
@@ -161,3 +165,4 @@ TRANSFORMER_PRESETS: dict[str, HeliosTransformerConfig] = {
         num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=96,
         num_layers=2, rope_dim=(12, 10, 10)),
 }
+HeliosTransformerConfig.PRESETS = TRANSFORMER_PRESETS

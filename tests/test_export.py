@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from conftest import rel_err
 from helios_jax import checkpoint, convert, export, presets
@@ -160,14 +161,13 @@ def test_pipeline_export_loads_in_diffusers(tiny_pipeline, tmp_path):
     assert type(pipe.scheduler).__name__ == "HeliosDMDScheduler"
     assert pipe.tokenizer("A cat walks.").input_ids[-1] == 1
   # Read back through our (forward) converter: the same parameters as the Orbax source.
-  for component, loader in (("transformer", tr.load_transformer),):
-    a = checkpoint.flatten_tree(
-        __import__("flax").nnx.to_pure_dict(loader(os.path.join(tiny_pipeline, component)).params))
-    b = checkpoint.flatten_tree(
-        __import__("flax").nnx.to_pure_dict(loader(os.path.join(out, component)).params))
-    assert a.keys() == b.keys()
-    for k in a:
-      np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+  a = checkpoint.flatten_tree(
+      nnx.to_pure_dict(tr.load_transformer(os.path.join(tiny_pipeline, "transformer")).params))
+  b = checkpoint.flatten_tree(
+      nnx.to_pure_dict(tr.load_transformer(os.path.join(out, "transformer")).params))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), "/".join(k))
   with open(os.path.join(tiny_pipeline, "model_index.json")) as f1, open(
       os.path.join(out, "model_index.json")) as f2:
     assert json.load(f1) == json.load(f2)

@@ -116,12 +116,6 @@ class UMT5Config(JsonConfig):
   def inner_dim(self) -> int:
     return self.num_heads * self.d_kv
 
-  @classmethod
-  def from_preset(cls, name: str) -> "UMT5Config":
-    if name not in UMT5_PRESETS:
-      raise ConfigError(f"unknown preset {name!r}; known: {sorted(UMT5_PRESETS)}")
-    return UMT5_PRESETS[name]
-
 
 UMT5_PRESETS: dict[str, UMT5Config] = {
     # google/umt5-xxl encoder, the Helios / Wan 2.1 text encoder (5,680,910,336 parameters).
@@ -131,6 +125,7 @@ UMT5_PRESETS: dict[str, UMT5Config] = {
     "tiny": UMT5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                        relative_attention_num_buckets=8, relative_attention_max_distance=32),
 }
+UMT5Config.PRESETS = UMT5_PRESETS
 
 
 def _check_dtype(dtype: Any) -> jnp.dtype:

@@ -111,12 +111,6 @@ class WanVAEConfig(JsonConfig):
     """Pixel frames decoded from `num_latent_frames` latents."""
     return 1 + self.temporal_factor * (num_latent_frames - 1)
 
-  @classmethod
-  def from_preset(cls, name: str) -> "WanVAEConfig":
-    if name not in VAE_PRESETS:
-      raise ConfigError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS)}")
-    return VAE_PRESETS[name]
-
 
 VAE_PRESETS: dict[str, WanVAEConfig] = {
     # The Wan 2.1 VAE shipped under Helios' `vae/` (126,892,531 parameters).
@@ -125,6 +119,7 @@ VAE_PRESETS: dict[str, WanVAEConfig] = {
     # 16 latent channels: the VAE of the tiny set (`helios_jax.variants.SIZES["tiny"]`).
     "tiny": WanVAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
 }
+WanVAEConfig.PRESETS = VAE_PRESETS
 
 
 class WanVAEModel(nnx.Module):
