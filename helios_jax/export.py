@@ -21,9 +21,10 @@ applies the model's precision policy (fp32-kept transformer modules stay fp32).
 Memory: one Orbax leaf (all stacked layers of it, or a batch of small leaves up to 256 MB) is
 read at a time and each PyTorch tensor is sliced, transposed and written straight into its
 shard (the safetensors header is computed up front from the metadata), so peak host RAM is
-about max(256 MB, the largest stored leaf) + the largest per-layer tensor, independent of
-`--max_shard_size` and of the model size: for the 14B bf16 DiT, the stacked FFN kernels
-(40 x 5120 x 13824 x 2 B = 5.7 GB) + one 141 MB layer. `--dst` is written atomically (a
+about the process baseline (~1 GB) + max(256 MB, the largest stored leaf) + two copies of the
+largest per-layer tensor, independent of `--max_shard_size`: for the 14B bf16 DiT, the stacked
+FFN kernels (40 x 5120 x 13824 x 2 B = 5.7 GB) + 2 x 141 MB, about 7 GB in all
+(benchmarks/convert_memory.py --mode export measures it). `--dst` is written atomically (a
 failure leaves nothing behind) after a free-space check.
 """
 

@@ -122,8 +122,8 @@ def check_noise(noise: dict[str, Any] | None, task: str) -> dict[str, Any]:
                        f"{', '.join(NOISE_KEYS)}; see pipeline.NOISE_KEYS)")
     tasks = NOISE_KEYS[key][0]
     if task not in tasks:
-      raise ValueError(f"noise[{key!r}] is a {'/'.join(t.upper() for t in tasks)} draw, but this "
-                       f"run is {task.upper()} (its keys: "
+      raise ValueError(f"noise[{key!r}] belongs to {'/'.join(t.upper() for t in tasks)} runs, "
+                       f"but this run is {task.upper()} (its keys: "
                        f"{', '.join(k for k, v in NOISE_KEYS.items() if task in v[0])})")
   return dict(noise)
 

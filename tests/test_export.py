@@ -178,19 +178,22 @@ def test_merge_output_exports(tmp_path, monkeypatch):
   of a trained checkpoint: the writing path is merge_run's own) exports and reloads exactly."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import stage1  # pylint: disable=g-import-not-at-top
-  from helios_jax.training import lora, merge, trainer  # pylint: disable=g-import-not-at-top
+  from helios_jax.training import lora, merge, runs, trainer  # pylint: disable=g-import-not-at-top
+  from helios_jax.training import model as model_lib  # pylint: disable=g-import-not-at-top
   work = tmp_path / "run"
   work.mkdir()
   cfg = stage1.get_config("tiny")
   (work / trainer.CONFIG_FILE).write_text(cfg.to_json_best_effort())
 
-  def fake_restore(workdir, base, st, step=None, ema=False):
-    del workdir, step, ema
+  def fake_restore(workdir, step=None, ema=False):
+    del step, ema
+    st = runs.read_run(workdir)
+    base = jax.tree.map(jax.numpy.asarray, model_lib.build_base(st.model)[2])
     tr_ = lora.init_trainables(base, st.trainable, jax.random.key(3))
     tr_["lora"] = jax.tree.map(lambda x: x + 0.05, tr_["lora"])  # B != 0: the merge moves W
     return tr_, 4
 
-  monkeypatch.setattr(merge, "restore_trainables", fake_restore)
+  monkeypatch.setattr(runs, "restore_trainables", fake_restore)
   merged = merge.merge_run(str(work), str(tmp_path / "merged"), ema=True)
   out = str(tmp_path / "exported")
   assert export.export(merged, out, progress=False) == ["transformer"]

@@ -24,7 +24,7 @@ PACKAGES = ("helios_jax", "pallas_kernels")
 CLI_MODULES = {
     "helios_jax.generate", "helios_jax.convert", "helios_jax.train",
     "helios_jax.data.precompute", "helios_jax.training.merge",
-    "helios_jax.training.lora_export",
+    "helios_jax.training.lora_export", "helios_jax.export",
     "helios_jax.heliosbench.cli", "helios_jax.heliosbench.__main__",
 }
 # Library code may not reach into these from helios_jax.models.

@@ -109,10 +109,8 @@ def test_num_videos_per_prompt_and_max_sequence_length(pipes, monkeypatch):
                                   num_videos_per_prompt=2, max_sequence_length=16,
                                   device="cpu", dtype=torch.float32)
   assert embeds.shape == (4, 16, TEXT_DIM)
-  _, noise = _reference(ref, monkeypatch, prompt_embeds=embeds, num_frames=33,
-                        output_type="latent", **DISTILLED)
-  ref_lat, _ = _reference(ref, monkeypatch, prompt_embeds=embeds, num_frames=33,
-                          output_type="latent", **DISTILLED)
+  ref_lat, noise = _reference(ref, monkeypatch, prompt_embeds=embeds, num_frames=33,
+                              output_type="latent", **DISTILLED)
   out = _ours(ours, noise, prompt=PROMPTS, num_videos_per_prompt=2, max_sequence_length=16,
               num_frames=33, output_type="latent", **DISTILLED)
   assert out.latents.shape == ref_lat.shape == (4, 16, 9, 8, 8)
@@ -224,14 +222,14 @@ def test_noise_dict_is_strict(pipes):
   with pytest.raises(ValueError, match=r"noise\['chunk'\] is not a known draw; did you mean "
                                        r"'chunks'"):
     ours(noise={"chunk": [good, good]}, **kw)
-  with pytest.raises(ValueError, match=r"noise\['image_eps'\] is a I2V draw, but this run is "
-                                       r"T2V"):
+  with pytest.raises(ValueError, match=r"noise\['image_eps'\] belongs to I2V runs, but this run "
+                                       r"is T2V"):
     ours(noise={"image_eps": eps[:, :, :1]}, **kw)
   with pytest.raises(ValueError, match=r"noise\['chunks'\] has 1 entries for 2 chunks"):
     ours(noise={"chunks": [good]}, **kw)
-  with pytest.raises(ValueError, match=r"noise\['chunks'\]\[1\]\['eps'\] has shape "
+  with pytest.raises(ValueError, match=r"noise\['chunks'\]\[0\]\['eps'\] has shape "
                                        r"\(1, 16, 9, 4, 4\)"):
-    ours(noise={"chunks": [good, dict(good, eps=eps[..., :4, :4])]}, **kw)
+    ours(noise={"chunks": [dict(good, eps=eps[..., :4, :4]), good]}, **kw)
   with pytest.raises(ValueError, match=r"noise\['chunks'\]\[0\]\['block'\] has 1 block draws"):
     ours(noise={"chunks": [dict(good, block=blocks[:1]), good]}, **kw)
   with pytest.raises(ValueError, match=r"noise\['chunks'\]\[0\]\['block'\]\[1\]"):

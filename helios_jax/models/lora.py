@@ -454,19 +454,9 @@ def torch_key(path: Sequence[str], layer: int | None, key_map: checkpoint.KeyMap
   Raises:
     CheckpointError: when the forward map does not give (path, layer) back.
   """
-  parts = list(path)
-  stacked = parts[0] == "blocks"
-  if stacked:
-    parts = parts[1:]
-  if parts[0] == "memory":
-    parts = parts[1:]
-  if parts[-1] == "kernel":
-    parts[-1] = "weight"
-  name = ".".join(parts)
-  name = re.sub(r"(^|\.)to_out\.", r"\1to_out.0.", name)
-  name = name.replace("ffn.proj_in.", "ffn.net.0.proj.").replace("ffn.proj_out.", "ffn.net.2.")
-  if stacked:
-    name = f"blocks.{layer}.{name}"
+  stacked = path[0] == "blocks"
+  name = checkpoint.INVERSE_KEY_MAPS["transformer"].torch_key(tuple(path),
+                                                              layer if stacked else None)
   if key_map(name) != (tuple(path), layer if stacked else None):
     raise CheckpointError(f"no diffusers name for {'/'.join(path)}[{layer}] (tried {name!r})")
   return name

@@ -26,67 +26,36 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Mapping
 
-import jax
-import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
 
 from helios_jax import checkpoint
+from helios_jax import runtime
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import lora as lora_io
 from helios_jax.models import transformer
-from helios_jax.training import checkpointing
 from helios_jax.training import lora
 from helios_jax.training import model as model_lib
+from helios_jax.training import runs
 from helios_jax.training import trainer
 
 PARTIAL_FORMATS = ("pth", "safetensors")
 
-# The same names as `training.merge`'s flags (absl: allow_override, so a process may hold both).
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).",
-                               allow_override=True)
-_OUT = flags.DEFINE_string("out", None, "Output folder (must not exist).", allow_override=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
-                             allow_override=True)
-_EMA = flags.DEFINE_bool("ema", False, "Export the EMA trainables (Stage 3) instead of the live "
-                         "ones.", allow_override=True)
-_PARTIAL_FORMAT = flags.DEFINE_enum("partial_format", "pth", PARTIAL_FORMATS,
-                                    "Format of the fully trained tensors' file.")
+FLAGS = flags.FLAGS
 
 
-def read_run(workdir: str) -> trainer.Settings:
-  """The typed settings of a run (`<workdir>/config.json`, as `training.merge` reads it)."""
-  path = os.path.join(workdir, trainer.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no run config {path}: not a helios_jax training workdir")
-  with open(path) as f:
-    return trainer.settings_from_config(ml_collections.ConfigDict(json.load(f)))
-
-
-def restore_trainables(workdir: str, step: int | None = None,
-                       ema: bool = False) -> tuple[dict[str, Any], int]:
-  """(trainables or their EMA as host arrays, step) of a checkpoint (default: the latest).
-
-  Restored without a target (only the trainables are needed, not the optimizer state).
-  """
-  ckpt = checkpointing.Checkpointer(workdir, async_save=False)
-  try:
-    steps = ckpt.all_steps()
-    step = ckpt.latest_step() if step is None else int(step)
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"checkpoint step {step} not found in {ckpt.directory} "
-                              f"(have {steps})")
-    state, _ = ckpt.restore_state(step)
-  finally:
-    ckpt.close()
-  name = "ema" if ema else "trainables"
-  if name not in state:
-    raise KeyError(f"checkpoint step {step} in {ckpt.directory} has no {name!r} entry "
-                   f"(entries: {sorted(state)}); EMA exists only when ema.enabled")
-  return jax.tree.map(np.asarray, state[name]), step
+def define_flags() -> None:
+  """The CLI's flags (defined when run as a program, so importing export_run defines none)."""
+  flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
+  flags.DEFINE_string("out", None, "Output folder (must not exist).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_bool("ema", False, "Export the EMA trainables (Stage 3) instead of the live ones.")
+  flags.DEFINE_enum("partial_format", "pth", PARTIAL_FORMATS,
+                    "Format of the fully trained tensors' file.")
 
 
 def base_shapes(st: trainer.Settings) -> tuple[HeliosTransformerConfig, dict[str, Any]]:
@@ -215,9 +184,9 @@ def export_run(workdir: str, out: str, step: int | None = None, ema: bool = Fals
   """
   if partial_format not in PARTIAL_FORMATS:
     raise ValueError(f"partial_format={partial_format!r} must be one of {PARTIAL_FORMATS}")
-  st = read_run(workdir)
+  st = runs.read_run(workdir)
   config, abstract = base_shapes(st)
-  trainables, step = restore_trainables(workdir, step, ema)
+  trainables, step = runs.restore_trainables(workdir, step, ema)
   tensors, modules = lora_tensors(trainables, abstract, config)
   partial = partial_tensors(trainables, config)
   if not tensors and not partial:
@@ -238,13 +207,20 @@ def export_run(workdir: str, out: str, step: int | None = None, ema: bool = Fals
 
 def main(argv):
   del argv
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir and --out are required")
-  info = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _EMA.value, _PARTIAL_FORMAT.value)
+  try:
+    runtime.check_writable(FLAGS.out, folder=True)
+    info = export_run(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.ema, FLAGS.partial_format)
+  except (FileNotFoundError, FileExistsError, KeyError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(f"step {info['step']}: LoRA on {info['lora_modules']} module(s) (r={info['rank']}, "
         f"alpha={info['alpha']:g}), {len(info['partial_tensors'])} fully trained tensor(s) -> "
-        f"{_OUT.value}/{{{', '.join(info['files'])}}}", flush=True)
+        f"{FLAGS.out}/{{{', '.join(info['files'])}}}", flush=True)
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  runtime.run_cli(main)
