@@ -475,6 +475,10 @@ def read_pipeline_settings(path: str | os.PathLike) -> tuple[Any, Any, Any]:
 class Pipeline:
   """A loaded Helios checkpoint (transformer, VAE, text encoder, tokenizer, scheduler).
 
+  Run it with `generate` / `stream` (our argument names), `generate_fn` (one pure jitted
+  function), or call it like diffusers' `HeliosPipeline` / `HeliosPyramidPipeline`
+  (`pipe(prompt, ...)`, `__call__`).
+
   Attributes:
     transformer: `HeliosTransformer` (graphdef + params).
     vae: `WanVAE` (fp32, as the reference pipelines run it).
@@ -765,7 +769,7 @@ class Pipeline:
       if isinstance(prompt, (list, tuple)) and not prompt:
         raise ValueError("prompt list is empty")
       prompt_embeds = self.encode_prompt(prompt, max_sequence_length)
-    prompt_embeds = jnp.asarray(_to_cf(prompt_embeds)).astype(self.transformer.dtype)
+    prompt_embeds = jnp.asarray(_from_torch(prompt_embeds)).astype(self.transformer.dtype)
     if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.transformer.config.text_dim:
       raise ValueError(f"prompt_embeds must be [B, L, {self.transformer.config.text_dim}], got "
                        f"{tuple(prompt_embeds.shape)}")
@@ -776,7 +780,7 @@ class Pipeline:
         neg_text = "" if negative_prompt is None else negative_prompt
         negs = [neg_text] * batch if isinstance(neg_text, str) else list(neg_text)
         negative_prompt_embeds = self.encode_prompt(negs, max_sequence_length)
-      neg = jnp.asarray(_to_cf(negative_prompt_embeds)).astype(self.transformer.dtype)[:batch]
+      neg = jnp.asarray(_from_torch(negative_prompt_embeds)).astype(self.transformer.dtype)[:batch]
       if neg.shape[0] != batch:
         raise ValueError(f"negative_prompt_embeds batch {neg.shape[0]} != {batch}")
       neg = rep(neg)
@@ -950,7 +954,7 @@ class Pipeline:
     """The `on_step` of `sampling.sample_chunk_stepwise` for a diffusers-style callback."""
 
     def as_array(name, value, like):
-      arr = value if isinstance(value, jax.Array) else jnp.asarray(_to_cf(value))
+      arr = jnp.asarray(_from_torch(value))
       if like is None or tuple(arr.shape) != tuple(like.shape):
         raise ValueError(f"callback_on_step_end returned {name} of shape {tuple(arr.shape)}; "
                          f"expected {None if like is None else tuple(like.shape)}")
@@ -1082,7 +1086,7 @@ class Pipeline:
              "interpolation_steps", "conditioning", "stepwise")
     for key in kwargs:
       if key not in extra:
-        known = list(extra) + list(inspect_params(Pipeline.__call__))
+        known = list(extra) + list(_param_names(Pipeline.__call__))
         close = difflib.get_close_matches(key, known, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         extra_hint = " (use generator= for the seed)" if key in ("seed", "rng") else ""
@@ -1230,7 +1234,7 @@ def _generate_all(tr_graphdef, vae_graphdef, sc, k_total, flags, channels, const
   return {"latents": lat, "frames": fr[:, :sampling.output_frames(k_total)]}
 
 
-def inspect_params(fn: Callable[..., Any]) -> list[str]:
+def _param_names(fn: Callable[..., Any]) -> list[str]:
   """The keyword parameter names of `fn` (for "did you mean" hints)."""
   import inspect  # pylint: disable=g-import-not-at-top
   return [p for p in inspect.signature(fn).parameters if p not in ("self", "kwargs")]
@@ -1251,6 +1255,11 @@ def _seed_and_key(generator: Any) -> tuple[int | None, jax.Array]:
   raise TypeError(f"generator={generator!r} ({type(generator).__name__}): pass an int seed or a "
                   "jax.random.key; torch generators cannot drive JAX's random numbers (to replay "
                   "a torch run, pass its draws as noise=, see pipeline.NOISE_KEYS)")
+
+
+def _from_torch(x: Any) -> Any:
+  """torch tensors -> numpy; anything else (JAX arrays stay on their device) unchanged."""
+  return _to_cf(x) if hasattr(x, "detach") else x
 
 
 def _to_cf(x: Any) -> np.ndarray:
