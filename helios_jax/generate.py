@@ -43,6 +43,7 @@ import time
 from absl import flags
 import numpy as np
 
+from helios_jax import presets
 from helios_jax import runtime
 from helios_jax import variants
 from helios_jax.checkpoint import CheckpointError
@@ -50,10 +51,7 @@ from helios_jax.config import ConfigError
 from helios_jax.constants import CHUNK_FRAMES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "pipeline folder (diffusers layout or our Orbax export); "
-                    "omitted: embedded tiny random preset")
-flags.DEFINE_enum("tiny_model", variants.DEFAULT_VARIANT, list(variants.VARIANTS),
-                  "which tiny preset to run when --model_dir is omitted")
+runtime.define_model_flags()  # --model_dir, --tiny_model, --dtype, --text_encoder_on_cpu, ...
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for a batch, or for the prompt "
                           "sequence with --interpolate_prompts)")
 flags.DEFINE_string("negative_prompt", None, "negative prompt (default: the official scripts')")
@@ -69,7 +67,6 @@ flags.DEFINE_float("guidance_scale", None, "CFG scale (default 5.0; distilled 1.
 flags.DEFINE_integer("seed", 42, "random seed")
 flags.DEFINE_string("out", "outputs/helios.mp4", "output mp4 path")
 flags.DEFINE_integer("fps", 24, "frame rate of the written mp4")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "transformer/text encoder dtype")
 flags.DEFINE_bool("interpolate_prompts", False, "interactive prompt switching (sampling.md §6)")
 flags.DEFINE_integer("interpolate_time", 7, "chunks per prompt (interactive)")
 flags.DEFINE_integer("interpolation_steps", 3, "chunks blending one prompt into the next")
@@ -77,24 +74,12 @@ flags.DEFINE_bool("amplify_first_chunk", None, "DMD: double chunk 0's steps (def
 flags.DEFINE_bool("skip_first_chunk", False, "re-anchor on chunk 1 (is_skip_first_chunk)")
 flags.DEFINE_bool("use_zero_init", True, "CFG-Zero* zero-init (Mid)")
 flags.DEFINE_integer("zero_steps", 1, "CFG-Zero* zero-init steps")
-flags.DEFINE_bool("text_encoder_on_cpu", False, "run umT5 on the host CPU (saves GPU memory)")
 flags.DEFINE_bool("release_text_encoder", False, "free umT5 after encoding the prompts")
-flags.DEFINE_bool("compile_cache", True, "persist compiled programs in the helios-jax cache")
 flags.DEFINE_multi_string("lora", None, "PATH[:SCALE] of a diffusers/PEFT LoRA "
                           "(.safetensors), a partial-parameter file (.pth) or a folder with "
                           "both, fused into the DiT at load (repeat to stack adapters)")
 flags.DEFINE_bool("keep_partial", False, "on failure or Ctrl-C keep the chunks finished so far "
                   "as <out stem>.partial.mp4 (default: nothing is left)")
-
-
-def tiny_model_dir(model: str) -> str:
-  """The embedded tiny pipeline, written once into the cache."""
-  from helios_jax import presets, runtime  # pylint: disable=g-import-not-at-top
-  path = os.path.join(runtime.cache_dir("presets"), f"tiny-{model}-v1")
-  if not os.path.isdir(path):
-    print(f"building the embedded tiny '{model}' pipeline in {path} (once)")
-    presets.write_tiny_pipeline(path, model, seed=0)
-  return path
 
 
 def main(argv):
@@ -122,7 +107,7 @@ def main(argv):
       raise ValueError(f"--steps={','.join(FLAGS.steps)} must be integers, e.g. 2,2,2") from None
     loras = [lora_lib.parse_lora_arg(a) for a in FLAGS.lora or ()]
     lora_lib.check_entries(loras)
-    model_dir = tiny_model_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
+    model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     scheduler, flags_, dit_cfg = pipeline_lib.read_pipeline_settings(model_dir)
     pipeline_lib.make_sampler_config(
         scheduler, flags_, dit_cfg.patch_size, height, width, steps=steps,

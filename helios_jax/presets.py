@@ -91,3 +91,15 @@ def write_tiny_pipeline(dst: str | os.PathLike, model: str = variants.DEFAULT_VA
     with open(os.path.join(tmp, "model_index.json"), "w") as f:
       json.dump(variant.model_index(), f, indent=2)
   return dst
+
+
+def tiny_pipeline_dir(model: str = "distilled") -> str:
+  """The embedded tiny pipeline of a variant, written once into the helios-jax cache (the CLIs'
+  model when no --model_dir is given)."""
+  from helios_jax import runtime  # pylint: disable=g-import-not-at-top
+  variants.get_variant(model)
+  path = os.path.join(runtime.cache_dir("presets"), f"tiny-{model}-v1")
+  if not os.path.isdir(path):
+    print(f"building the embedded tiny '{model}' pipeline in {path} (once)")
+    write_tiny_pipeline(path, model, seed=0)
+  return path

@@ -108,6 +108,21 @@ def _quiet_parser(parse):
   return parse_quietly
 
 
+def define_model_flags() -> None:
+  """The model flags every generation CLI shares (generate, serve): --model_dir, --tiny_model,
+  --dtype, --text_encoder_on_cpu, --compile_cache."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from helios_jax import variants  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model_dir", None, "pipeline folder (diffusers layout or our Orbax "
+                      "export); omitted: the embedded tiny random preset")
+  flags.DEFINE_enum("tiny_model", variants.DEFAULT_VARIANT, list(variants.VARIANTS),
+                    "which tiny preset to run when --model_dir is omitted")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                    "transformer/text encoder dtype")
+  flags.DEFINE_bool("text_encoder_on_cpu", False, "run umT5 on the host CPU (saves GPU memory)")
+  flags.DEFINE_bool("compile_cache", True, "persist compiled programs in the helios-jax cache")
+
+
 def run_cli(main, flags_parser=None) -> None:
   """`absl.app.run(main)` with quiet logs by default (every helios_jax CLI starts this way).
 

@@ -28,8 +28,10 @@ def test_cli_writes_video_and_reports_fps(cache_env, tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert "FPS" in res.stdout and f"wrote {out}" in res.stdout
   # The plan is printed first; two chunks are both compilation runs: no steady state claimed.
-  assert res.stdout.splitlines()[0].startswith(
+  plan = [ln for ln in res.stdout.splitlines() if ln.startswith("generating ")]
+  assert plan and plan[0].startswith(
       "generating 1 video(s) of 65 frames at 64x64: 66 requested frames -> 2 chunk(s) of 33")
+  assert res.stdout.index(plan[0]) < res.stdout.index("loaded ")  # before the weights load
   assert "steady state: n/a" in res.stdout
   assert not [ln for ln in res.stderr.splitlines() if ln.startswith(("I1", "I0"))]  # quiet
   import imageio.v3 as iio  # pylint: disable=g-import-not-at-top

@@ -6,7 +6,7 @@
 
 Open http://HOST:PORT/ for the page (prompt, start / stop, live prompt changes, download). The
 protocol of `/v1/realtime/video` is in helios_jax/serve/sessions.py, the job API in app.py.
-Without --model_dir the tiny random preset (`helios_jax.generate.tiny_model_dir`, --tiny_model)
+Without --model_dir the tiny random preset (`presets.tiny_pipeline_dir`, --tiny_model)
 is served at 128x128 by default. Finished videos and the job records live under --out_dir and
 stay listed after a restart.
 """
@@ -17,14 +17,12 @@ import sys
 
 from absl import flags
 
-from helios_jax import generate  # --model_dir / --tiny_model and tiny_model_dir
+from helios_jax import presets
 from helios_jax import runtime
 from helios_jax import variants
 
 FLAGS = flags.FLAGS
-# The model flags are the generate CLI's (same meaning, one definition).
-for _name in ("model_dir", "tiny_model", "dtype", "text_encoder_on_cpu", "compile_cache"):
-  flags.declare_key_flag(_name)
+runtime.define_model_flags()  # the generate CLI's model flags (one definition)
 flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
 flags.DEFINE_integer("port", 8000, "port to listen on (0: a free one)")
 flags.DEFINE_string("out_dir", "outputs/serve", "folder of the job records and finished videos")
@@ -48,7 +46,7 @@ def main(argv):
   from helios_jax.serve import validation  # pylint: disable=g-import-not-at-top
   tiny = FLAGS.model_dir is None
   try:
-    model_dir = generate.tiny_model_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
+    model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     pipeline_lib.read_pipeline_settings(model_dir)
     runtime.check_writable(FLAGS.out_dir, folder=True)
     for name in ("max_queue", "max_frames", "max_session_chunks", "max_upload_mb"):

@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from helios_jax import pipeline as pipeline_lib
+from helios_jax.serve import driver as driver_lib
 from helios_jax.serve import jobs as jobs_lib
 from helios_jax.serve import sessions
 from helios_jax.serve import validation
@@ -109,7 +110,7 @@ def create_app(pipe: pipeline_lib.Pipeline, config: ServerConfig = ServerConfig(
   async def server_config():
     return {"default_height": config.default_size[0], "default_width": config.default_size[1],
             "default_steps": list(pipe.default_steps), "pyramid": pipe.is_pyramid,
-            "interpolation_steps": 3, "chunk_frames": pipeline_lib.CHUNK_FRAMES,
+            "interpolation_steps": driver_lib.DEFAULT_INTERPOLATION_STEPS, "chunk_frames": pipeline_lib.CHUNK_FRAMES,
             "fps": jobs_lib.VIDEO_FPS, "max_queue": config.max_queue,
             "limits": dataclasses.asdict(config.limits)}
 

@@ -19,6 +19,7 @@ import numpy as np
 from helios_jax import pipeline as pipeline_lib
 from helios_jax.config import ConfigError
 from helios_jax.constants import CHUNK_FRAMES
+from helios_jax.serve import driver as driver_lib
 from helios_jax.serve.driver import GenerationRequest
 
 # The fields of a job (named as the `python -m helios_jax.generate` flags) and of a realtime
@@ -187,7 +188,7 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
 def decode_video(data: bytes, limits: Limits, name: str = "video") -> np.ndarray:
   """Video file bytes (mp4, webm, ...) -> `[T, H, W, 3]` uint8, CHUNK_FRAMES <= T."""
   from helios_jax import media  # pylint: disable=g-import-not-at-top
-  fd, path = tempfile.mkstemp(prefix="helios_upload_", suffix=".video")
+  fd, path = tempfile.mkstemp(prefix="helios_upload_", suffix=".mp4")  # ffmpeg probes the content
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -243,9 +244,9 @@ def parse_request(fields: Mapping[str, Any], pipe: pipeline_lib.Pipeline, limits
   steps = _steps(fields.get("steps"))
   guidance = _float(fields, "guidance_scale")
   num_frames = None
-  interp = 3
+  interp = driver_lib.DEFAULT_INTERPOLATION_STEPS
   if realtime:
-    interp = parse_int(fields, "interpolation_steps", 3, lo=1, hi=64)
+    interp = parse_int(fields, "interpolation_steps", interp, lo=1, hi=64)
   else:
     num_frames = parse_int(fields, "num_frames", CHUNK_FRAMES * 3, lo=1, hi=limits.max_frames)
   try:
