@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import Callable
 
 from helios_jax import checkpoint
 
@@ -51,3 +53,15 @@ def detect_component(folder: str) -> str:
   raise checkpoint.CheckpointError(
       f"{cfg_path}: cannot tell which component this is (_class_name={cls!r}, "
       f"model_type={cfg.get('model_type')!r})")
+
+
+def run_cli_action(action: Callable[[], list[str]], verb: str, dst: str) -> int:
+  """A convert / export CLI's outcome: one `error:` line and exit status 2 for bad input or an
+  unwritable destination, else one line naming the components written."""
+  try:
+    done = action()
+  except (checkpoint.CheckpointError, FileExistsError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{verb} {', '.join(done)} -> {dst}")
+  return 0

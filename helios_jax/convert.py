@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 from absl import flags
@@ -122,13 +121,9 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  try:
-    done = convert(FLAGS.src, FLAGS.dst, FLAGS.dtype, overwrite=FLAGS.overwrite)
-  except (checkpoint.CheckpointError, FileExistsError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"converted {', '.join(done)} -> {FLAGS.dst}")
-  return 0
+  return components.run_cli_action(
+      lambda: convert(FLAGS.src, FLAGS.dst, FLAGS.dtype, overwrite=FLAGS.overwrite),
+      "converted", FLAGS.dst)
 
 
 if __name__ == "__main__":

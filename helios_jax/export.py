@@ -285,14 +285,10 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  try:
-    done = export(FLAGS.src, FLAGS.dst, FLAGS.dtype, max_shard_size=FLAGS.max_shard_size,
-                  overwrite=FLAGS.overwrite)
-  except (checkpoint.CheckpointError, FileExistsError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"exported {', '.join(done)} -> {FLAGS.dst}")
-  return 0
+  return components.run_cli_action(
+      lambda: export(FLAGS.src, FLAGS.dst, FLAGS.dtype, max_shard_size=FLAGS.max_shard_size,
+                     overwrite=FLAGS.overwrite),
+      "exported", FLAGS.dst)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Mapping
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from helios_jax import checkpoint
@@ -50,10 +48,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The CLI's flags (defined when run as a program, so importing export_run defines none)."""
-  flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
-  flags.DEFINE_string("out", None, "Output folder (must not exist).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_bool("ema", False, "Export the EMA trainables (Stage 3) instead of the live ones.")
+  runs.define_run_flags("Output folder (must not exist).")
   flags.DEFINE_enum("partial_format", "pth", PARTIAL_FORMATS,
                     "Format of the fully trained tensors' file.")
 
@@ -207,13 +202,9 @@ def export_run(workdir: str, out: str, step: int | None = None, ema: bool = Fals
 
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
-  try:
-    runtime.check_writable(FLAGS.out, folder=True)
-    info = export_run(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.ema, FLAGS.partial_format)
-  except (FileNotFoundError, FileExistsError, KeyError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  info = runs.run_tool(lambda workdir, out: export_run(workdir, out, FLAGS.step, FLAGS.ema,
+                                                       FLAGS.partial_format))
+  if info is None:
     return 2
   print(f"step {info['step']}: LoRA on {info['lora_modules']} module(s) (r={info['rank']}, "
         f"alpha={info['alpha']:g}), {len(info['partial_tensors'])} fully trained tensor(s) -> "

@@ -15,13 +15,11 @@ Orbax export layout (atomically), loadable by `load_transformer` and as `model.i
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 from helios_jax import checkpoint
@@ -36,11 +34,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The CLI's flags (defined when run as a program, so importing merge_run defines none)."""
-  flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
-  flags.DEFINE_string("out", None, "Output transformer folder (must not exist).")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  runs.define_run_flags("Output transformer folder (must not exist).")
   flags.DEFINE_string("dtype", None, "Output dtype (default: the base's param dtype).")
-  flags.DEFINE_bool("ema", False, "Merge the EMA trainables (Stage 3) instead of the live ones.")
 
 
 def merge_run(workdir: str, out: str, step: int | None = None, dtype: Any = None,
@@ -75,13 +70,9 @@ def merge_run(workdir: str, out: str, step: int | None = None, dtype: Any = None
 
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
-  try:
-    runtime.check_writable(FLAGS.out, folder=True)
-    out = merge_run(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype, ema=FLAGS.ema)
-  except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  out = runs.run_tool(lambda workdir, out: merge_run(workdir, out, FLAGS.step, FLAGS.dtype,
+                                                     ema=FLAGS.ema))
+  if out is None:
     return 2
   print(f"merged transformer written to {out}", flush=True)
   return 0

@@ -8,14 +8,43 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from helios_jax import runtime
 from helios_jax.training import checkpointing
 from helios_jax.training import trainer
+
+
+def define_run_flags(out_help: str) -> None:
+  """The flags of a tool that reads a run: --workdir, --out, --step, --ema."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Training run folder (config.json, checkpoints/).")
+  flags.DEFINE_string("out", None, out_help)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_bool("ema", False, "Use the EMA trainables (Stage 3) instead of the live ones.")
+
+
+def run_tool(action: Callable[[str, str], Any]) -> Any:
+  """Runs a run-reading CLI's `action(workdir, out)` after its flag and output checks.
+
+  Returns the action's result, or None after printing one `error:` line (the caller exits 2).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS
+  if not fv.workdir or not fv.out:
+    raise app.UsageError("--workdir and --out are required")
+  try:
+    runtime.check_writable(fv.out, folder=True)
+    return action(fv.workdir, fv.out)
+  except (FileNotFoundError, FileExistsError, KeyError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return None
 
 
 def read_run(workdir: str) -> trainer.Settings:
