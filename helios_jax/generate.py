@@ -78,6 +78,8 @@ flags.DEFINE_bool("release_text_encoder", False, "free umT5 after encoding the p
 flags.DEFINE_multi_string("lora", None, "PATH[:SCALE] of a diffusers/PEFT LoRA "
                           "(.safetensors), a partial-parameter file (.pth) or a folder with "
                           "both, fused into the DiT at load (repeat to stack adapters)")
+flags.DEFINE_enum("quantize", None, ["fp8", "int8w"], "Qwix PTQ of the DiT after loading: "
+                  "fp8 (e4m3 weights + activations) or int8w (int8 weights); bf16 if unset")
 flags.DEFINE_bool("keep_partial", False, "on failure or Ctrl-C keep the chunks finished so far "
                   "as <out stem>.partial.mp4 (default: nothing is left)")
 
@@ -107,6 +109,12 @@ def main(argv):
       raise ValueError(f"--steps={','.join(FLAGS.steps)} must be integers, e.g. 2,2,2") from None
     loras = [lora_lib.parse_lora_arg(a) for a in FLAGS.lora or ()]
     lora_lib.check_entries(loras)
+    if FLAGS.quantize is not None:
+      from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
+      try:
+        quant_lib.check_mode(FLAGS.quantize)
+      except RuntimeError as e:  # fp8 on a platform that cannot run it
+        raise ValueError(f"--quantize={FLAGS.quantize}: {e}") from None
     model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     scheduler, flags_, dit_cfg = pipeline_lib.read_pipeline_settings(model_dir)
     pipeline_lib.make_sampler_config(
@@ -143,7 +151,8 @@ def main(argv):
   try:
     pipe = pipeline_lib.Pipeline.from_pretrained(
         model_dir, dtype, text_encoder_device=jax.devices("cpu")[0] if FLAGS.text_encoder_on_cpu
-        else None, release_text_encoder=FLAGS.release_text_encoder, lora=loras or None)
+        else None, release_text_encoder=FLAGS.release_text_encoder, lora=loras or None,
+        quantize=FLAGS.quantize)
     print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f} s "
           f"({'pyramid' if pipe.is_pyramid else 'single-resolution'} "
           f"{pipe.scheduler.solver}, backend {jax.default_backend()})")

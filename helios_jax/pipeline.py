@@ -511,7 +511,8 @@ class Pipeline:
   def from_pretrained(cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, *,
                       kernels=None, load_text_encoder: bool = True,
                       text_encoder_device: Any = None,
-                      release_text_encoder: bool = False, lora: Any = None) -> "Pipeline":
+                      release_text_encoder: bool = False, lora: Any = None,
+                      quantize: str | None = None) -> "Pipeline":
     """Loads `transformer/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json`.
 
     Args:
@@ -523,15 +524,22 @@ class Pipeline:
       release_text_encoder: free the encoder after each prompt encoding (reloads lazily).
       lora: `[(path, scale), ...]` LoRA / partial-parameter files fused into the DiT at load
         (`load_transformer(lora=...)`, `models/lora.py`).
+      quantize: None (default: the DiT in `dtype`), "fp8" or "int8w": Qwix PTQ of the DiT after
+        loading (and LoRA fusion), `quantize.quantize_transformer` with its `DEFAULT_KEEP`.
     """
     from helios_jax.models.text_encoder import load_text_encoder as _load_te  # pylint: disable=g-import-not-at-top
     from helios_jax.models.transformer import load_transformer  # pylint: disable=g-import-not-at-top
     from helios_jax.models.vae import load_vae  # pylint: disable=g-import-not-at-top
     from helios_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
     path = os.fspath(path)
+    if quantize is not None:
+      from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
+      quant_lib.check_mode(quantize)
     scheduler, flags, _ = read_pipeline_settings(path)
     transformer = load_transformer(os.path.join(path, "transformer"), dtype, kernels=kernels,
                                    lora=lora)
+    if quantize is not None:
+      transformer = quant_lib.quantize_transformer(transformer, quantize)
     vae = load_vae(os.path.join(path, "vae"), jnp.float32)
     text_encoder = tokenizer = None
     if load_text_encoder:
