@@ -19,7 +19,6 @@ memory). Prints one table and which card sizes each mode fits (with 10% headroom
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
 
