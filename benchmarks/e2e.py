@@ -417,14 +417,10 @@ def dry_run(args) -> dict[str, Any]:
                            guidance_scale=args.guidance_scale)
   dit_cfg = pipe.transformer.config
   dt = pipe.transformer.dtype
-  sds = jax.ShapeDtypeStruct
-  text = sds((1, MAX_SEQUENCE_LENGTH, dit_cfg.text_dim), dt)
-  neg = text if sc.guidance != "none" else None
-  state = jax.eval_shape(lambda: sampling.empty_history(1, sc.latent_height, sc.latent_width,
-                                                        dit_cfg.in_channels))
-  noise = jax.eval_shape(lambda k: sampling.draw_chunk_noise(k, sc, 1, dit_cfg.in_channels),
-                         jax.random.key(0))
-  flag = sds((), jnp.bool_)
+  x = sampling.abstract_chunk_inputs(sc, dit_cfg.in_channels, dit_cfg.text_dim, dt,
+                                     MAX_SEQUENCE_LENGTH)
+  text, neg, state, noise, flag = (x["text"], x["neg_text"], x["state"], x["noise"],
+                                   x["set_anchor"])
   out: dict[str, Any] = {"param_bytes": comps.param_bytes, "programs": {}}
   for first in (True, False):
     name = "chunk_step(first)" if first else "chunk_step"
@@ -450,7 +446,7 @@ def dry_run(args) -> dict[str, Any]:
       "seconds": time.perf_counter() - t1}
   t1 = time.perf_counter()
   n_prompts = 2 if sc.guidance != "none" else 1
-  ids = sds((n_prompts, MAX_SEQUENCE_LENGTH), jnp.int32)
+  ids = jax.ShapeDtypeStruct((n_prompts, MAX_SEQUENCE_LENGTH), jnp.int32)
   emb = jax.eval_shape(functools.partial(umt5_encode, comps.text_graphdef), comps.text_state,
                        ids, ids)
   out["programs"]["umt5_encode"] = {

@@ -51,17 +51,11 @@ def plan(mode: str, model: str, height: int, width: int, compile_it: bool) -> di
     dit = quant.quantize_transformer(dit, mode)
   vae = nnx.eval_shape(lambda: vae_lib.VAE_SPEC.build(vae_cfg, jnp.float32))
   sc = flops.model_sampler_config(model, height, width, patch_size=dit_cfg.patch_size)
-  sds = jax.ShapeDtypeStruct
-  text = sds((1, MAX_SEQUENCE_LENGTH, dit_cfg.text_dim), jnp.bfloat16)
-  neg = text if sc.guidance != "none" else None
-  state = jax.eval_shape(lambda: sampling.empty_history(1, sc.latent_height, sc.latent_width,
-                                                        dit_cfg.in_channels))
-  noise = jax.eval_shape(lambda k: sampling.draw_chunk_noise(k, sc, 1, dit_cfg.in_channels),
-                         jax.random.key(0))
-  flag = sds((), jnp.bool_)
+  x = sampling.abstract_chunk_inputs(sc, dit_cfg.in_channels, dit_cfg.text_dim, jnp.bfloat16,
+                                     MAX_SEQUENCE_LENGTH)
   t0 = time.perf_counter()
-  lowered = pl.chunk_step.lower(dit.graphdef, sc, False, dit.params, text, neg, state, noise,
-                                flag)
+  lowered = pl.chunk_step.lower(dit.graphdef, sc, False, dit.params, x["text"], x["neg_text"],
+                                x["state"], x["noise"], x["set_anchor"])
   out = {"mode": mode, "dit_bytes": quant.param_bytes(dit.params),
          "vae_bytes": quant.param_bytes(nnx.state(vae)), "lower_s": time.perf_counter() - t0}
   if compile_it:

@@ -186,6 +186,24 @@ class ChunkNoise:
   block: tuple[jax.Array, ...] = ()
 
 
+def abstract_chunk_inputs(sc: SamplerConfig, channels: int, text_dim: int, dtype: Any,
+                          text_len: int, batch: int = 1) -> dict[str, Any]:
+  """`jax.ShapeDtypeStruct`s of one chunk step's inputs (for lowering without real arrays).
+
+  Returns:
+    {"text" `[B, text_len, text_dim]`, "neg_text" (None without guidance), "state"
+    (`HistoryState`), "noise" (`ChunkNoise`), "set_anchor" `[]` bool}.
+  """
+  text = jax.ShapeDtypeStruct((batch, text_len, text_dim), dtype)
+  return {
+      "text": text, "neg_text": text if sc.guidance != "none" else None,
+      "state": jax.eval_shape(lambda: empty_history(batch, sc.latent_height, sc.latent_width,
+                                                    channels)),
+      "noise": jax.eval_shape(lambda k: draw_chunk_noise(k, sc, batch, channels),
+                              jax.random.key(0)),
+      "set_anchor": jax.ShapeDtypeStruct((), jnp.bool_)}
+
+
 def draw_chunk_noise(rng: jax.Array, sc: SamplerConfig, batch: int,
                      channels: int = 16) -> ChunkNoise:
   """Fresh `ChunkNoise` from a JAX PRNG key (same shapes and order as the reference)."""

@@ -10,6 +10,7 @@ ones with a reason, so no item is silently dropped.
 
 from __future__ import annotations
 
+import abc
 import collections
 import logging
 import threading
@@ -41,7 +42,7 @@ class Busy(Exception):
     self.retry_after_s = retry_after_s
 
 
-class WorkItem:
+class WorkItem(abc.ABC):
   """A unit of device work (a job or a realtime session).
 
   Subclasses implement `run(pipe)` (generate, checking `cancelled` between chunks) and
@@ -70,11 +71,13 @@ class WorkItem:
       self.cancel_reason = reason
     self._cancel.set()
 
+  @abc.abstractmethod
   def run(self, pipe: Any) -> None:
-    raise NotImplementedError
+    """Produces the item's chunks on the worker thread (checks `cancelled` between chunks)."""
 
+  @abc.abstractmethod
   def fail(self, message: str) -> None:
-    raise NotImplementedError
+    """Records that the item could not run (`message` says why)."""
 
   def skipped(self) -> None:
     """Called instead of `run` for an item cancelled while it waited."""
