@@ -117,7 +117,7 @@ def main(argv):
         raise ValueError(f"--quantize={FLAGS.quantize}: {e}") from None
     model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     scheduler, flags_, dit_cfg = pipeline_lib.read_pipeline_settings(model_dir)
-    pipeline_lib.make_sampler_config(
+    sc = pipeline_lib.make_sampler_config(  # validates; the run's own settings
         scheduler, flags_, dit_cfg.patch_size, height, width, steps=steps,
         guidance_scale=FLAGS.guidance_scale, use_zero_init=FLAGS.use_zero_init,
         zero_steps=FLAGS.zero_steps, amplify_first_chunk=FLAGS.amplify_first_chunk)
@@ -191,9 +191,7 @@ def main(argv):
         f"{kept / wall:.2f} FPS end to end")
   # Chunk 0 compiles the chunk program (an amplified DMD chunk 0 compiles its own, so chunk 1
   # compiles again); steady state starts after those.
-  first_steady = 2 if pipe.sampler_config(
-      height, width, steps=steps, amplify_first_chunk=FLAGS.amplify_first_chunk
-  ).amplified(True) else 1
+  first_steady = 2 if sc.amplified(True) else 1
   steady = chunks[first_steady:]
   if steady:
     per_chunk = float(np.mean([c.dit_seconds + c.decode_seconds for c in steady]))
