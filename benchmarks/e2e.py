@@ -5,6 +5,8 @@
   python benchmarks/e2e.py --preset helios-14b --model distilled --steps 2,2,2 --chunks 6 \
       [--torch_compile] [--text_encoder_offload release] --json h100.json          # one GPU
   python benchmarks/e2e.py --preset helios-14b --dry_run                                # trace only
+  python benchmarks/e2e.py --preset helios-14b --quantize fp8 --steps 1,1,1 --json fp8.json  # fp8
+  python benchmarks/e2e.py --preset helios-14b --low_memory --no_torch              # streamed DiT
 
 Both sides build random-weight models of the preset's exact shapes (DiT and umT5 in
 `--dtype`, bfloat16 by default; Wan VAE in float32, as the reference pipelines run it) and
@@ -38,6 +40,10 @@ device memory pool never starves the other), one after the other.
 
 Memory (helios-14b on one 80 GB GPU): DiT 28.6 GB + umT5-XXL 11.4 GB (bf16) + VAE 0.5 GB;
 `--text_encoder_offload release` frees the encoder after encoding, `cpu` keeps it on the host.
+
+`--quantize fp8|int8w` (+ `--keep_blocks`) runs the JAX DiT through Qwix PTQ
+(`helios_jax.quantize`, `DEFAULT_KEEP` layers bf16) and `--low_memory` streams its block weights
+from host memory (`helios_jax.offload`); the diffusers side stays bf16 (the reference to beat).
 
 `--dry_run` builds every component abstractly (`nnx.eval_shape`, nothing allocated) and traces
 and lowers the chunk programs (first and steady chunk), the decode and the text encoder with
@@ -118,6 +124,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--compile_cache", action=argparse.BooleanOptionalAction, default=True,
                  help="JAX: persist compiled programs in the helios-jax cache, so a rerun "
                       "skips compilation (--no-compile_cache: always compile)")
+  p.add_argument("--quantize", choices=("none", "fp8", "int8w"), default="none",
+                 help="JAX DiT precision: Qwix PTQ fp8 / int8w (diffusers stays bf16)")
+  p.add_argument("--keep_blocks", default="", help="with --quantize: blocks kept bf16, e.g. "
+                 "first:3,last:3")
+  p.add_argument("--low_memory", action="store_true",
+                 help="JAX DiT block weights in host memory, streamed per block")
   p.add_argument("--no_torch", action="store_true", help="JAX side only (same as --side jax)")
   p.add_argument("--side", choices=("both", "jax", "torch"), default="both",
                  help="which implementation(s) to run")
@@ -162,6 +174,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.error(f"--chunks={args.chunks} must be >= 1")
   if args.dry_run_compile and not args.dry_run:
     p.error("--dry_run_compile needs --dry_run")
+  if args.keep_blocks and args.quantize == "none":
+    p.error(f"--keep_blocks={args.keep_blocks} needs --quantize fp8|int8w")
+  if args.keep_blocks:
+    from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
+    try:
+      quant_lib.parse_blocks(args.keep_blocks, variants.get_size(args.preset).configs()[0]
+                             .num_layers)
+    except ValueError as e:
+      p.error(f"--keep_blocks: {e}")
   if args.warmup_chunks is not None and args.warmup_chunks < 0:
     p.error(f"--warmup_chunks={args.warmup_chunks} must be >= 0")
   parts = tuple(x.strip() for x in args.torch_compile_parts.split(",") if x.strip())
@@ -272,6 +293,13 @@ def build_jax(args, abstract: bool = False) -> JaxComponents:
     with jax.default_device(te_device):
       te = te_lib.TEXT_ENCODER_SPEC.init(text_cfg, dtype, args.seed)
   transformer = tr_lib.HeliosTransformer(dit_cfg, dit)
+  if args.quantize != "none":
+    from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
+    transformer = quant_lib.quantize_transformer(transformer, args.quantize,
+                                                 keep_blocks=args.keep_blocks)
+  if args.low_memory:
+    from helios_jax import offload  # pylint: disable=g-import-not-at-top
+    transformer = offload.offload_blocks(transformer)
   vae = vae_lib.WanVAE(vae_cfg, vae)
   te_graphdef, te_state = nnx.split(te)
   variant = variants.get_variant(args.model)
@@ -379,7 +407,8 @@ def run_jax(args) -> dict[str, Any]:
   stats = jax.devices()[0].memory_stats() or {}
   return {
       **info, "implementation": "helios-jax",
-      "attention": args.attention, "ops": args.ops, "text_encoder_offload":
+      "attention": args.attention, "ops": args.ops, "quantize": args.quantize,
+      "keep_blocks": args.keep_blocks, "low_memory": args.low_memory, "text_encoder_offload":
       args.text_encoder_offload, "init_s": init_s, "text_encode_s": text_s,
       "text_encode_first_call_s": text_compile_s, "warmup_chunks": warmup,
       "warmup_s": warmup_s, "compile_cache": args.compile_cache, "chunks": chunks,
@@ -884,6 +913,10 @@ def format_report(results: dict[str, Any]) -> str:
              + (f", torch.compile {r['torch_compile']}" if r.get("torch_compile") else "")
              + (", CPU Cholesky patched" if r.get("cholesky_patched") else "")
              + (", compile cache on" if r.get("compile_cache") else "")
+             + (f", DiT quantized {r['quantize']}"
+                + (f" (blocks {r['keep_blocks']} bf16)" if r.get("keep_blocks") else "")
+                if r.get("quantize", "none") != "none" else "")
+             + (", DiT blocks streamed from host memory" if r.get("low_memory") else "")
              + f", text encoder offload {r['text_encoder_offload']}")
     threads = f", {r['torch_threads']} threads" if r.get("torch_threads") else ""
     lines.append(f"- {r['implementation']}: {r['device_kind']} ({r['platform']}, "

@@ -1,7 +1,7 @@
 """Quality of the Qwix-quantized DiT (fp8 / int8w) against the bf16 path, on CPU.
 
   python benchmarks/quant_quality.py [--part forward|pipeline|both] [--frames 1] [--latent 32]
-      [--text_len 512] [--layers 2]
+      [--text_len 512] [--layers 2] [--keep_blocks first:1,last:1] [--tiny_keep_blocks first:1]
 
 (a) forward: one DiT forward of a full-width random model (5120 wide, 40 heads, ffn 13824,
     text_dim 4096, `--layers` blocks) on `--frames` x `--latent`^2 latents (patch 1x2x2: frames *
@@ -10,8 +10,10 @@
 (b) pipeline: 3-chunk Distilled latents of the tiny preset (random weights, 128x128), the
     quantized DiT swapped into the bf16 pipeline, relative L2 error of the latents.
 
-Variants: fp8 / int8w with every `Linear` quantized (keep=()) and with `DEFAULT_KEEP` (text/time
-embeddings, modulation and head kept bf16). Prints one table per part. Not a test.
+Variants: fp8 / int8w with every `Linear` quantized (keep=()), with `DEFAULT_KEEP` (text/time
+embeddings, modulation and head kept bf16), and with `DEFAULT_KEEP` + whole blocks kept bf16
+(`--keep_blocks` for (a), `--tiny_keep_blocks` for (b): the tiny preset has 2 blocks; skipped
+when they would keep every block). Prints one table per part. Not a test.
 """
 
 from __future__ import annotations
@@ -35,13 +37,23 @@ VARIANTS = (("fp8", ()), ("fp8", quant.DEFAULT_KEEP), ("int8w", ()),
             ("int8w", quant.DEFAULT_KEEP))
 
 
+def variants(keep_blocks: str, num_layers: int) -> list[tuple[str, tuple, str]]:
+  """(mode, keep_bf16, keep_blocks) to measure: `VARIANTS`, then + kept blocks if any remain
+  quantized."""
+  out = [(m, k, "") for m, k in VARIANTS]
+  if keep_blocks and len(quant.parse_blocks(keep_blocks, num_layers)) < num_layers:
+    out += [(m, quant.DEFAULT_KEEP, keep_blocks) for m in sorted(quant.MODES)]
+  return out
+
+
 def rel_err(x, ref) -> float:
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def _name(mode, keep) -> str:
-  return f"{mode}" + ("+keep" if keep else " (all Linear)")
+def _name(mode, keep, blocks="") -> str:
+  return (f"{mode}" + ("+keep" if keep else " (all Linear)")
+          + (f" + blocks {blocks} bf16" if blocks else ""))
 
 
 def forward_inputs(cfg: HeliosTransformerConfig, frames: int, latent: int, text_len: int,
@@ -70,11 +82,11 @@ def part_forward(args) -> list[tuple[str, float, float]]:
   ref = np.asarray(base(**inputs), np.float32)
   rows = [(f"bf16 ({tokens} tokens)", 0.0, time.perf_counter() - t0)]
   print(rows[-1], flush=True)
-  for mode, keep in VARIANTS:
-    q = quant.quantize_transformer(base, mode, keep)
+  for mode, keep, blocks in variants(args.keep_blocks, args.layers):
+    q = quant.quantize_transformer(base, mode, keep, blocks)
     t0 = time.perf_counter()
     out = np.asarray(q(**inputs), np.float32)
-    rows.append((_name(mode, keep), rel_err(out, ref), time.perf_counter() - t0))
+    rows.append((_name(mode, keep, blocks), rel_err(out, ref), time.perf_counter() - t0))
     print(rows[-1], flush=True)
     del q
   return rows
@@ -86,11 +98,13 @@ def part_pipeline(args) -> list[tuple[str, float, float]]:
   with tempfile.TemporaryDirectory() as d:
     folder = presets.write_tiny_pipeline(os.path.join(d, "tiny"), "distilled")
     pipe = pl.Pipeline.from_pretrained(folder, dtype=jnp.bfloat16, load_text_encoder=False)
-  return pipeline_errors(pipe, VARIANTS)
+  return pipeline_errors(pipe, variants(args.tiny_keep_blocks,
+                                       pipe.transformer.config.num_layers))
 
 
-def pipeline_errors(pipe, variants, num_frames: int = 99, seed: int = 0):
-  """Relative error of the 3-chunk latents of each (mode, keep) vs `pipe` as loaded."""
+def pipeline_errors(pipe, cases, num_frames: int = 99, seed: int = 0):
+  """Relative error of the 3-chunk latents of each (mode, keep[, keep_blocks]) vs `pipe` as
+  loaded."""
   rng = np.random.default_rng(seed)
   emb = rng.standard_normal((1, 16, pipe.transformer.config.text_dim)).astype(np.float32)
   kw = dict(prompt_embeds=emb, num_frames=num_frames, height=128, width=128, seed=seed,
@@ -100,11 +114,11 @@ def pipeline_errors(pipe, variants, num_frames: int = 99, seed: int = 0):
   ref = pipe.generate(**kw).latents
   rows = [(f"bf16 ({ref.shape[2]} latent frames)", 0.0, time.perf_counter() - t0)]
   try:
-    for mode, keep in variants:
-      pipe.transformer = quant.quantize_transformer(base, mode, keep)
+    for mode, keep, *blocks in cases:
+      pipe.transformer = quant.quantize_transformer(base, mode, keep, *blocks)
       t0 = time.perf_counter()
       out = pipe.generate(**kw).latents
-      rows.append((_name(mode, keep), rel_err(out, ref), time.perf_counter() - t0))
+      rows.append((_name(mode, keep, *blocks), rel_err(out, ref), time.perf_counter() - t0))
   finally:
     pipe.transformer = base
   return rows
@@ -123,6 +137,8 @@ def main():
   p.add_argument("--frames", type=int, default=1)
   p.add_argument("--latent", type=int, default=32, help="latent height = width")
   p.add_argument("--text_len", type=int, default=512)
+  p.add_argument("--keep_blocks", default="first:1,last:1", help="(a): blocks kept bf16")
+  p.add_argument("--tiny_keep_blocks", default="first:1", help="(b): blocks kept bf16")
   args = p.parse_args()
   print(f"jax {jax.__version__} on {jax.default_backend()}; fp8 supported: "
         f"{quant.fp8_supported()}")

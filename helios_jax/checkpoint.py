@@ -30,6 +30,9 @@ import numpy as np
 
 PARAMS_DIR = "params"
 ORBAX_MARKER = "_CHECKPOINT_METADATA"
+# A pre-quantized DiT export (`convert --quantize`, helios_jax/quantize.py) holds this file next to
+# config.json; its params tree has QArray leaves, so `load_model` refuses it.
+QUANTIZATION_FILE = "quantization.json"
 
 FlaxPath = tuple[str, ...]
 KeyMap = Callable[[str], "tuple[FlaxPath, int | None] | None"]
@@ -428,7 +431,7 @@ def _resolve_dtype(dtype: Any):
 
 
 def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
-               device: Any = None):
+               device: Any = None, placement: Callable[[FlaxPath], Any] | None = None):
   """Loads a component from a diffusers/transformers folder or our Orbax export.
 
   Args:
@@ -437,6 +440,9 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
     dtype: parameter dtype (None -> float32); fp32-kept parameters stay float32.
     device: optional `jax.Device` the parameters are placed on (e.g. `jax.devices("cpu")[0]`
       to keep a component off the accelerator); None -> JAX's default device.
+    placement: optional `flax path -> jax.sharding.Sharding` per parameter (overrides `device`;
+      e.g. `offload.load_placement()`: block weights in host memory), so no leaf passes through
+      another memory on the way.
 
   Returns:
     (config, nnx module with the loaded parameters).
@@ -446,18 +452,24 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{spec.name} checkpoint folder not found: {path}")
+  if os.path.isfile(os.path.join(path, QUANTIZATION_FILE)):
+    raise CheckpointError(
+        f"{path} is a pre-quantized export ({QUANTIZATION_FILE}); load it with "
+        "helios_jax.quantize.load_quantized_transformer or Pipeline.from_pretrained")
   config = spec.read_config(path)
   dtype = _resolve_dtype(dtype)
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: spec.build(config, dtype)))
   flat = _flatten(nnx.to_pure_dict(abstract_state))
   sharding = None if device is None else jax.sharding.SingleDeviceSharding(device)
-  want = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for p, v in flat.items()}
+  want = {p: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                  sharding=placement(p) if placement else sharding)
+          for p, v in flat.items()}
   if is_orbax_export(path):
     params = load_params(os.path.join(path, PARAMS_DIR), _unflatten(want))
   elif is_safetensors_folder(path):
     plan = ConversionPlan(SafetensorsFolder(path), _unflatten(flat), spec.key_map(config),
                           stacked_len=spec.stacked_len(config), tied=spec.tied_keys(config))
-    params = _unflatten({p: jax.device_put(plan.load_leaf(p, want[p].dtype), device)
+    params = _unflatten({p: jax.device_put(plan.load_leaf(p, want[p].dtype), want[p].sharding)
                          for p in flat})
   else:
     raise CheckpointError(f"{path}: neither safetensors weights nor an Orbax '{PARAMS_DIR}/' found")

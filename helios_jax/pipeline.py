@@ -511,8 +511,10 @@ class Pipeline:
   def from_pretrained(cls, path: str | os.PathLike, dtype: Any = jnp.bfloat16, *,
                       kernels=None, load_text_encoder: bool = True,
                       text_encoder_device: Any = None,
-                      release_text_encoder: bool = False, lora: Any = None,
-                      quantize: str | None = None) -> "Pipeline":
+                      release_text_encoder: bool | None = None, lora: Any = None,
+                      quantize: str | None = None, keep_bf16: Sequence[str] | None = None,
+                      keep_blocks: str | Sequence[int] = (),
+                      low_memory: bool = False) -> "Pipeline":
     """Loads `transformer/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json`.
 
     Args:
@@ -521,25 +523,66 @@ class Pipeline:
       kernels: `KernelConfig` for the DiT (attention / norm / RoPE implementations).
       load_text_encoder: False skips the umT5 stack (pass `prompt_embeds` to generate).
       text_encoder_device: run the encoder on this device (e.g. `jax.devices("cpu")[0]`).
-      release_text_encoder: free the encoder after each prompt encoding (reloads lazily).
+      release_text_encoder: free the encoder after each prompt encoding (reloads lazily);
+        None: only with `low_memory` (and no `text_encoder_device`).
       lora: `[(path, scale), ...]` LoRA / partial-parameter files fused into the DiT at load
         (`load_transformer(lora=...)`, `models/lora.py`).
       quantize: None (default: the DiT in `dtype`), "fp8" or "int8w": Qwix PTQ of the DiT after
-        loading (and LoRA fusion), `quantize.quantize_transformer` with its `DEFAULT_KEEP`.
+        loading (and LoRA fusion), `quantize.quantize_transformer`.
+      keep_bf16: with `quantize`, module-path regexes kept unquantized (None:
+        `quantize.DEFAULT_KEEP`).
+      keep_blocks: with `quantize`, whole blocks kept unquantized ("first:3,last:3", [0, 39],
+        `quantize.parse_blocks`).
+      low_memory: keep the DiT's block weights in host memory and stream them to the device one
+        block at a time (`offload.py`): device memory ~ non-block weights + two blocks +
+        activations, host RAM ~ the block weights; the text encoder is released after each
+        prompt unless `text_encoder_device` places it. Not combinable with `shard`.
+
+    A pre-quantized `transformer/` (`convert --quantize`, holding quantization.json) is loaded
+    with `quantize.load_quantized_transformer` (bf16, its recorded mode, kept layers and
+    blocks): `quantize` must be None or that mode, `dtype` bf16, `keep_bf16` / `keep_blocks`
+    unset, and `lora` is refused (fuse it before quantizing).
     """
     from helios_jax.models.text_encoder import load_text_encoder as _load_te  # pylint: disable=g-import-not-at-top
     from helios_jax.models.transformer import load_transformer  # pylint: disable=g-import-not-at-top
     from helios_jax.models.vae import load_vae  # pylint: disable=g-import-not-at-top
     from helios_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
+    from helios_jax.checkpoint import QUANTIZATION_FILE  # pylint: disable=g-import-not-at-top
     path = os.fspath(path)
-    if quantize is not None:
+    dit_path = os.path.join(path, "transformer")
+    prequantized = os.path.isfile(os.path.join(dit_path, QUANTIZATION_FILE))
+    if quantize is None and not prequantized and (keep_bf16 is not None or keep_blocks):
+      raise ValueError("keep_bf16 / keep_blocks need quantize='fp8' or 'int8w'")
+    if quantize is not None or prequantized:
       from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
-      quant_lib.check_mode(quantize)
-    scheduler, flags, _ = read_pipeline_settings(path)
-    transformer = load_transformer(os.path.join(path, "transformer"), dtype, kernels=kernels,
-                                   lora=lora)
-    if quantize is not None:
-      transformer = quant_lib.quantize_transformer(transformer, quantize)
+      if prequantized:
+        if keep_bf16 is not None or keep_blocks:
+          raise ValueError(f"{dit_path} is pre-quantized: its kept layers and blocks are "
+                           "recorded in quantization.json; drop keep_bf16 / keep_blocks")
+        quant_lib.check_load_request(dit_path, quantize=quantize, lora=lora, dtype=dtype)
+      else:
+        quant_lib.check_mode(quantize)
+    placement = None
+    if low_memory:
+      from helios_jax import offload  # pylint: disable=g-import-not-at-top
+      placement = offload.load_placement()  # checks the device has host memory
+    scheduler, flags, dit_cfg = read_pipeline_settings(path)
+    if quantize is not None and not prequantized:  # bad kept blocks fail before any load
+      quant_lib.parse_blocks(keep_blocks, dit_cfg.num_layers)
+    if prequantized:
+      transformer = quant_lib.load_quantized_transformer(dit_path, kernels=kernels,
+                                                         placement=placement)
+    else:
+      transformer = load_transformer(dit_path, dtype, kernels=kernels, lora=lora,
+                                     placement=placement)
+    if quantize is not None and not prequantized:
+      transformer = quant_lib.quantize_transformer(
+          transformer, quantize, quant_lib.DEFAULT_KEEP if keep_bf16 is None else keep_bf16,
+          keep_blocks)
+    if low_memory:
+      transformer = offload.offload_blocks(transformer)
+    if release_text_encoder is None:
+      release_text_encoder = low_memory and text_encoder_device is None
     vae = load_vae(os.path.join(path, "vae"), jnp.float32)
     text_encoder = tokenizer = None
     if load_text_encoder:
@@ -561,6 +604,10 @@ class Pipeline:
     step passes to the DiT); the VAE and text encoder stay on one device. Results equal the
     single-device pipeline up to reduction order.
     """
+    if self.low_memory:
+      raise ValueError("this pipeline was loaded with low_memory=True (DiT blocks streamed from "
+                       "one host to one device); a mesh already splits the weights over its "
+                       "devices: load without low_memory to shard it")
     sharding.shard_transformer(self.transformer, mesh)
     self.mesh = mesh
     self.token_constraint = sharding.token_constraint(mesh)
@@ -579,6 +626,11 @@ class Pipeline:
     return jax.device_put(x, next(iter(jax.tree.leaves(self.vae.params)[0].devices())))
 
   # ---------------------------------------------------------------------------- config
+
+  @property
+  def low_memory(self) -> bool:
+    """Whether the DiT's block weights live in host memory (`from_pretrained(low_memory=True)`)."""
+    return bool(getattr(self.transformer.module(), "blocks_on_host", False))
 
   @property
   def is_pyramid(self) -> bool:

@@ -44,3 +44,19 @@ def rel_err(ours, ref) -> float:
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   assert ours.shape == ref.shape, (ours.shape, ref.shape)
   return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def dit_inputs(cfg, dtype, seed: int = 0) -> dict:
+  """Random DiT inputs (diffusers names, channel-first) with all three history groups: 3 noisy
+  frames of 12x10 latents, 7 text tokens."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  c = cfg.in_channels
+  rnd = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+  return dict(
+      hidden_states=rnd(1, c, 3, 12, 10), timestep=jnp.array([731.25]),
+      encoder_hidden_states=rnd(1, 7, cfg.text_dim), indices_hidden_states=jnp.arange(20, 23)[None],
+      latents_history_short=rnd(1, c, 2, 12, 10), indices_latents_history_short=jnp.array([[0, 19]]),
+      latents_history_mid=rnd(1, c, 2, 12, 10), indices_latents_history_mid=jnp.array([[17, 18]]),
+      latents_history_long=rnd(1, c, 5, 12, 10),
+      indices_latents_history_long=jnp.arange(1, 6)[None])

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from conftest import dit_inputs
 from helios_jax import quantize as quant
 from helios_jax.config import HeliosTransformerConfig
 from helios_jax.models import transformer as transformer_lib
@@ -29,16 +30,7 @@ PIPELINE_BOUNDS = {("fp8", True): 0.07}  # int8w: benchmarks/quant_quality.py (t
 def tiny():
   cfg = HeliosTransformerConfig.PRESETS["tiny"]
   model = transformer_lib.init_transformer(cfg, jnp.bfloat16, seed=0)
-  rng = np.random.default_rng(0)
-  c = cfg.in_channels
-  rnd = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
-  inputs = dict(
-      hidden_states=rnd(1, c, 3, 12, 10), timestep=jnp.array([731.25]),
-      encoder_hidden_states=rnd(1, 7, cfg.text_dim), indices_hidden_states=jnp.arange(20, 23)[None],
-      latents_history_short=rnd(1, c, 2, 12, 10), indices_latents_history_short=jnp.array([[0, 19]]),
-      latents_history_mid=rnd(1, c, 2, 12, 10), indices_latents_history_mid=jnp.array([[17, 18]]),
-      latents_history_long=rnd(1, c, 5, 12, 10),
-      indices_latents_history_long=jnp.arange(1, 6)[None])
+  inputs = dit_inputs(cfg, jnp.bfloat16)
   return model, inputs, np.asarray(model(**inputs), np.float32)
 
 
@@ -133,3 +125,36 @@ def test_three_chunk_distilled_latents(tmp_path):
   rows = qq.pipeline_errors(pipe, [(m, quant.DEFAULT_KEEP) for m, _ in sorted(PIPELINE_BOUNDS)])
   for (mode, _), (_, err, _) in zip(sorted(PIPELINE_BOUNDS), rows[1:]):
     assert 1e-4 < err < PIPELINE_BOUNDS[mode, True], (mode, err)
+
+
+def test_keep_blocks_segments_the_stack(tiny):
+  """Kept blocks stay bf16 (their own stacked segment), the rest quantized; the forward is the
+  segmented program, and keeping blocks never moves it further from bf16 on this model."""
+  model, inputs, ref = tiny
+  n = model.config.num_layers
+  for mode, qdtype in (("fp8", "float8_e4m3fn"), ("int8w", "int8")):
+    q = quant.quantize_transformer(model, mode, keep_blocks="first:1")
+    assert q.keep_blocks == (0,)
+    dt = quant.kernel_dtypes(q)
+    assert dt["blocks/0/ffn/proj_in"] == "bfloat16" and dt["blocks/1/ffn/proj_in"] == qdtype
+    assert all(p.startswith("blocks/1/") for p in q.quantized_paths)
+    # The kept segment holds exactly the original weights of block 0.
+    np.testing.assert_array_equal(
+        np.asarray(q.params["blocks"][0]["ffn"]["proj_in"]["kernel"][...], np.float32),
+        np.asarray(model.params["blocks"]["ffn"]["proj_in"]["kernel"][...][:1], np.float32))
+    err = _rel(q(**inputs), ref)
+    full = _rel(quant.quantize_transformer(model, mode)(**inputs), ref)
+    assert 1e-4 < err <= full, (mode, err, full)
+  with pytest.raises(ValueError, match="keeps all"):
+    quant.quantize_transformer(model, "int8w", keep_blocks=f"first:{n}")
+
+
+def test_parse_blocks_forms_and_errors():
+  assert quant.parse_blocks("first:3,last:3", 40) == (0, 1, 2, 37, 38, 39)
+  assert quant.parse_blocks("5-7, 9", 40) == (5, 6, 7, 9)
+  assert quant.parse_blocks([0, -1], 40) == (0, 39)
+  assert quant.parse_blocks("", 40) == ()
+  for bad, msg in (("first:0", "first:0"), ("3-1", "3-1"), ("40", "40"), ("top:2", "top:2"),
+                   ("-41", "-41")):
+    with pytest.raises(ValueError, match=msg):
+      quant.parse_blocks(bad, 40)

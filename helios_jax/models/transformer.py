@@ -199,6 +199,68 @@ class OutputNorm(nnx.Module):
                                         **self.kernels.op_kwargs())
 
 
+def _layer_to_device(state: Any, i: jax.Array) -> Any:
+  """Layer `i` of a stacked (host-memory) block state, copied to device memory."""
+  layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
+  return jax.device_put(layer, jax.memory.Space.Device)
+
+
+def _scan_streamed(step: Callable[..., Any], x: jax.Array, state: Any, extra: Any,
+                   lo: int, hi: int) -> jax.Array:
+  """Layers [lo, hi) of a host-resident stacked state, double-buffered on the device.
+
+  `extra`: the per-layer `block_extra` of these layers (leading axis hi - lo, or None). The carry
+  holds (hidden states, this layer's weights on the device); each iteration starts the copy of
+  the next layer before running the block (the last iteration re-reads layer hi - 1, one spare
+  copy per segment).
+  """
+
+  def body(carry, xs):
+    h, layer = carry
+    i, layer_extra = xs
+    nxt = _layer_to_device(state, jnp.minimum(i + 1, hi - 1))
+    h, _ = step(h, (layer, layer_extra))
+    return (h, nxt), None
+
+  first = _layer_to_device(state, jnp.asarray(lo))
+  (x, _), _ = jax.lax.scan(body, (x, first), (jnp.arange(lo, hi), extra))
+  return x
+
+
+def _slice_layers(a: Any, lo: int, hi: int) -> Any:
+  """`a[lo:hi]` of a stacked leaf, in the leaf's own memory (host-resident leaves are sliced on
+  the host, never brought to the device whole)."""
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((hi - lo, *a.shape[1:]), a.dtype, sharding=a.sharding)
+  sharding = getattr(a, "sharding", None)
+  if getattr(sharding, "memory_kind", "device") not in (None, "device"):
+    return jax.device_put(np.asarray(a)[lo:hi], sharding)
+  return a[lo:hi]
+
+
+def segment_blocks(model: "HeliosTransformer3DModel", bounds: Any) -> None:
+  """Cuts the stacked blocks into separately stacked segments, in place.
+
+  `bounds` (0 = b0 < b1 < ... < bk = num_layers): segment j holds blocks [b_j, b_{j+1}) and
+  becomes `model.blocks[j]` (an `nnx.List` of stacked modules; parameter paths
+  `blocks/<j>/...`). The forward is unchanged (one `lax.scan` per segment); segments may then
+  differ in parameter types, e.g. quantized middle blocks and bf16 first/last blocks
+  (`quantize.quantize_transformer(keep_blocks=...)`).
+  """
+  n = model.config.num_layers
+  bounds = tuple(int(b) for b in bounds)
+  if model.block_bounds is not None:
+    raise ValueError(f"blocks are already segmented at {model.block_bounds}")
+  if (len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != n
+      or any(a >= b for a, b in zip(bounds[:-1], bounds[1:]))):
+    raise ValueError(f"segment bounds {bounds} must increase from 0 to num_layers={n}")
+  graphdef, state = nnx.split(model.blocks)
+  model.blocks = nnx.List([
+      nnx.merge(graphdef, jax.tree.map(lambda a, lo=lo, hi=hi: _slice_layers(a, lo, hi), state))
+      for lo, hi in zip(bounds[:-1], bounds[1:])])
+  model.block_bounds = bounds
+
+
 class HeliosTransformer3DModel(nnx.Module):
   """Flax NNX twin of diffusers' `HeliosTransformer3DModel`.
 
@@ -235,6 +297,12 @@ class HeliosTransformer3DModel(nnx.Module):
     self.norm_out = OutputNorm(d, cfg.eps, rngs, kernels)
     self.proj_out = layers.Linear(d, cfg.out_dim * math.prod(cfg.patch_size), dtype=dtype,
                                   rngs=rngs)
+    # Low-memory mode (helios_jax/offload.py): the stacked block weights live in host memory and
+    # the scan moves one layer at a time to the device (static: part of the graphdef).
+    self.blocks_on_host = False
+    # None: one stack of all blocks; else segment bounds (0, b1, ..., num_layers) and `blocks` is
+    # an `nnx.List` of stacks (`segment_blocks`; static).
+    self.block_bounds: tuple[int, ...] | None = None
 
   def _run_blocks(self, x: jax.Array, ctx: BlockContext, block_hook: BlockHook | None = None,
                   block_extra: Any = None, capture: tuple[int, ...] = (),
@@ -258,32 +326,48 @@ class HeliosTransformer3DModel(nnx.Module):
       constrain: optional `h -> h` applied to the hidden states at each block entry (after
         `block_hook`, under the block's remat), e.g. a device mesh's sharding constraint.
 
+    With `blocks_on_host` (low-memory mode), the stacked block state stays in host memory: the
+    scan carries the current layer's weights on the device and, while block i runs, copies
+    layer i + 1 from the host (`jax.device_put` to device memory inside the loop), so the copy
+    can overlap the block's compute and the device holds two layers of weights, not L.
+
     Returns:
       (`[B, S, D]` output of the last block, [`[B, S, D]` output of each captured block]).
     """
-    graphdef, state = nnx.split(self.blocks)
+    def make_step(graphdef):
+      def step(h, xs):
+        layer_state, layer_extra = xs
+        if block_hook is not None:
+          layer_state, h = block_hook(layer_state, layer_extra, h)
+        if constrain is not None:
+          h = constrain(h)
+        return nnx.merge(graphdef, layer_state)(h, ctx), None
 
-    def step(h, xs):
-      layer_state, layer_extra = xs
-      if block_hook is not None:
-        layer_state, h = block_hook(layer_state, layer_extra, h)
-      if constrain is not None:
-        h = constrain(h)
-      return nnx.merge(graphdef, layer_state)(h, ctx), None
+      if self.remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+      return step
 
-    if self.remat != "none":
-      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     n = self.config.num_layers
     if any(not 0 <= int(c) < n for c in capture) or list(capture) != sorted(set(capture)):
       raise ValueError(f"capture blocks {capture} must be increasing indices in [0, {n - 1}]")
-    cuts = [0] + [int(c) + 1 for c in capture] + ([n] if not capture or capture[-1] + 1 < n
-                                                   else [])
+    bounds = self.block_bounds or (0, n)
+    stacks = self.blocks if self.block_bounds else [self.blocks]
+    segments = [(lo, hi, *nnx.split(m)) for lo, hi, m in zip(bounds[:-1], bounds[1:], stacks)]
+    captured = {int(c) + 1 for c in capture}
+    cuts = sorted({0, n} | captured | set(bounds))
     feats = []
-    for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
-      xs = (state, block_extra) if (lo, hi) == (0, n) else jax.tree.map(
-          lambda a, lo=lo, hi=hi: a[lo:hi], (state, block_extra))
-      x = jax.lax.scan(step, x, xs)[0]
-      if i < len(capture):
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+      s_lo, s_hi, graphdef, state = next(s for s in segments if s[0] <= lo and hi <= s[1])
+      step = make_step(graphdef)
+      extra = block_extra if (lo, hi) == (0, n) else jax.tree.map(
+          lambda a, lo=lo, hi=hi: a[lo:hi], block_extra)
+      if self.blocks_on_host:
+        x = _scan_streamed(step, x, state, extra, lo - s_lo, hi - s_lo)
+      else:
+        if (lo, hi) != (s_lo, s_hi):
+          state = jax.tree.map(lambda a, a0=lo - s_lo, a1=hi - s_lo: a[a0:a1], state)
+        x = jax.lax.scan(step, x, (state, extra))[0]
+      if hi in captured:
         feats.append(x)
     return x, feats
 
@@ -552,7 +636,7 @@ class HeliosTransformer:
 
 def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
                      attention_impl: str | None = None, remat: str = "none",
-                     lora: Any = None) -> HeliosTransformer:
+                     lora: Any = None, placement: Any = None) -> HeliosTransformer:
   """Loads a diffusers `transformer/` folder (safetensors, single or sharded) or our Orbax export.
 
   Args:
@@ -565,9 +649,11 @@ def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
     lora: `[(path, scale), ...]` of diffusers/PEFT LoRA files, partial-parameter files or
       folders holding them (`models/lora.py`), fused into the weights at load (no per-step
       cost); partial files are applied first, as the official merge script does.
+    placement: optional `flax path -> Sharding` per parameter (`checkpoint.load_model`; e.g.
+      `offload.load_placement()` for low-memory mode, then `offload.offload_blocks`).
   """
   spec = TransformerSpec(_kernels(kernels, attention_impl), remat=remat)
-  config, model = checkpoint.load_model(spec, path, dtype)
+  config, model = checkpoint.load_model(spec, path, dtype, placement=placement)
   if lora:
     from helios_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
     lora_lib.fuse_into_module(model, spec.key_map(config), lora)
