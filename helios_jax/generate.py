@@ -49,7 +49,6 @@ from helios_jax import presets
 from helios_jax import runtime
 from helios_jax import variants
 from helios_jax.checkpoint import CheckpointError
-from helios_jax.checkpoint import QUANTIZATION_FILE
 from helios_jax.config import ConfigError
 from helios_jax.constants import CHUNK_FRAMES
 
@@ -77,20 +76,9 @@ flags.DEFINE_bool("amplify_first_chunk", None, "DMD: double chunk 0's steps (def
 flags.DEFINE_bool("skip_first_chunk", False, "re-anchor on chunk 1 (is_skip_first_chunk)")
 flags.DEFINE_bool("use_zero_init", True, "CFG-Zero* zero-init (Mid)")
 flags.DEFINE_integer("zero_steps", 1, "CFG-Zero* zero-init steps")
-flags.DEFINE_bool("release_text_encoder", None, "free umT5 after encoding the prompts "
-                  "(default: only with --low_memory)")
 flags.DEFINE_multi_string("lora", None, "PATH[:SCALE] of a diffusers/PEFT LoRA "
                           "(.safetensors), a partial-parameter file (.pth) or a folder with "
                           "both, fused into the DiT at load (repeat to stack adapters)")
-flags.DEFINE_enum("quantize", None, ["fp8", "int8w"], "Qwix PTQ of the DiT after loading: "
-                  "fp8 (e4m3 weights + activations) or int8w (int8 weights); bf16 if unset "
-                  "(a `convert --quantize` pipeline loads pre-quantized without it)")
-flags.DEFINE_string("keep_blocks", "", "with --quantize: DiT blocks left unquantized, "
-                    "comma-separated first:N, last:N, I or I-J (e.g. first:3,last:3)")
-flags.DEFINE_bool("low_memory", False, "keep the DiT block weights in host RAM and stream them "
-                  "to the device one block at a time (device memory ~ 2 blocks + activations; "
-                  "host RAM ~ the block weights; slower: every model call reads all blocks "
-                  "over PCIe)")
 flags.DEFINE_bool("keep_partial", False, "on failure or Ctrl-C keep the chunks finished so far "
                   "as <out stem>.partial.mp4 (default: nothing is left)")
 
@@ -120,34 +108,12 @@ def main(argv):
       raise ValueError(f"--steps={','.join(FLAGS.steps)} must be integers, e.g. 2,2,2") from None
     loras = [lora_lib.parse_lora_arg(a) for a in FLAGS.lora or ()]
     lora_lib.check_entries(loras)
-    if FLAGS.quantize is not None:
-      from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
-      try:
-        quant_lib.check_mode(FLAGS.quantize)
-      except RuntimeError as e:  # fp8 on a platform that cannot run it
-        raise ValueError(f"--quantize={FLAGS.quantize}: {e}") from None
-    if FLAGS.low_memory:
-      from helios_jax import offload  # pylint: disable=g-import-not-at-top
-      try:
-        offload.check_supported()
-      except RuntimeError as e:
-        raise ValueError(f"--low_memory: {e}") from None
     model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     scheduler, flags_, dit_cfg = pipeline_lib.read_pipeline_settings(model_dir)
-    dit_dir = os.path.join(model_dir, "transformer")
-    prequantized = os.path.isfile(os.path.join(dit_dir, QUANTIZATION_FILE))
-    if FLAGS.keep_blocks:
-      if FLAGS.quantize is None or prequantized:
-        raise ValueError(f"--keep_blocks={FLAGS.keep_blocks} needs --quantize on a bf16 "
-                         "checkpoint (a pre-quantized one records its own kept blocks)")
-      quant_lib.parse_blocks(FLAGS.keep_blocks, dit_cfg.num_layers)
-    if prequantized:  # `convert --quantize` output
-      from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
-      try:
-        quant_lib.check_load_request(dit_dir, quantize=FLAGS.quantize, lora=loras,
-                                     dtype="float32" if FLAGS.dtype == "float32" else None)
-      except RuntimeError as e:  # jax / qwix too old, or fp8 where it cannot run
-        raise ValueError(f"--model_dir {model_dir}: {e}") from None
+    pipeline_lib.check_model_options(
+        model_dir, quantize=FLAGS.quantize, keep_blocks=FLAGS.keep_blocks,
+        low_memory=FLAGS.low_memory, lora=loras,
+        dtype="float32" if FLAGS.dtype == "float32" else None)
     sc = pipeline_lib.make_sampler_config(  # validates; the run's own settings
         scheduler, flags_, dit_cfg.patch_size, height, width, steps=steps,
         guidance_scale=FLAGS.guidance_scale, use_zero_init=FLAGS.use_zero_init,
@@ -165,7 +131,8 @@ def main(argv):
                          f"{CHUNK_FRAMES}")
     for path in paths:
       runtime.check_writable(path)
-  except (ValueError, FileNotFoundError, OSError, ConfigError, CheckpointError) as e:
+  except (ValueError, RuntimeError, FileNotFoundError, OSError, ConfigError,
+          CheckpointError) as e:  # RuntimeError: what this platform cannot run
     print(f"error: {e}", file=sys.stderr)
     return 2
   for line in pipeline_lib.describe_plan(k_total, FLAGS.num_frames, batch, height, width,
@@ -180,10 +147,8 @@ def main(argv):
   chunks = []
   t0 = time.perf_counter()
   try:
-    pipe = pipeline_lib.Pipeline.from_pretrained(
-        model_dir, dtype, text_encoder_device=jax.devices("cpu")[0] if FLAGS.text_encoder_on_cpu
-        else None, release_text_encoder=FLAGS.release_text_encoder, lora=loras or None,
-        quantize=FLAGS.quantize, keep_blocks=FLAGS.keep_blocks, low_memory=FLAGS.low_memory)
+    pipe = pipeline_lib.Pipeline.from_pretrained(model_dir, dtype, lora=loras or None,
+                                                 **runtime.model_load_kwargs())
     print(f"loaded {model_dir} in {time.perf_counter() - t0:.1f} s "
           f"({'pyramid' if pipe.is_pyramid else 'single-resolution'} "
           f"{pipe.scheduler.solver}, backend {jax.default_backend()})")

@@ -44,6 +44,7 @@ from helios_jax import sharding
 from helios_jax import variants
 from helios_jax.checkpoint import CheckpointError
 from helios_jax.config import ConfigError
+from helios_jax.config import HeliosTransformerConfig
 from helios_jax.constants import CHUNK_FRAMES
 
 # The official scripts' negative prompt (infer_helios.py); diffusers' API default is "".
@@ -458,7 +459,6 @@ def read_pipeline_settings(path: str | os.PathLike) -> tuple[Any, Any, Any]:
   Raises:
     CheckpointError / ConfigError: a missing folder or file, or an invalid config.
   """
-  from helios_jax.config import HeliosTransformerConfig  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"model folder not found: {path}")
@@ -470,6 +470,48 @@ def read_pipeline_settings(path: str | os.PathLike) -> tuple[Any, Any, Any]:
            else hs.PipelineFlags())
   transformer = HeliosTransformerConfig.from_json(os.path.join(path, "transformer"))
   return scheduler, flags, transformer
+
+
+def check_model_options(path: str | os.PathLike, *, quantize: str | None = None,
+                        keep_bf16: Sequence[str] | None = None,
+                        keep_blocks: str | Sequence[int] = (), low_memory: bool = False,
+                        lora: Any = None, dtype: Any = None) -> bool:
+  """Checks `from_pretrained`'s DiT options against a pipeline folder, before any weights load.
+
+  Reads only `transformer/config.json` and, for a pre-quantized export, its quantization.json.
+
+  Returns:
+    Whether `transformer/` is a pre-quantized export (`convert --quantize`).
+
+  Raises:
+    ValueError: keep_bf16 / keep_blocks without quantize, a bad block spec, an unknown mode, or
+      options a pre-quantized export cannot honour (other mode, LoRA, dtype, keep_*).
+    RuntimeError: what this platform or installation cannot run: fp8 dots, host memory for
+      low_memory, a jax / qwix older than a pre-quantized export needs.
+    CheckpointError / ConfigError: a missing or bad config / quantization.json.
+  """
+  from helios_jax.checkpoint import QUANTIZATION_FILE  # pylint: disable=g-import-not-at-top
+  dit_path = os.path.join(os.fspath(path), "transformer")
+  prequantized = os.path.isfile(os.path.join(dit_path, QUANTIZATION_FILE))
+  keeps = keep_bf16 is not None or bool(keep_blocks)
+  if keeps and quantize is None and not prequantized:
+    raise ValueError(f"keep_bf16={keep_bf16!r} / keep_blocks={keep_blocks!r} need quantize "
+                     "('fp8' or 'int8w', --quantize)")
+  if quantize is not None or prequantized:
+    from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
+    if prequantized:
+      if keeps:
+        raise ValueError(f"{dit_path} is pre-quantized: its kept layers and blocks are "
+                         "recorded in quantization.json; drop keep_bf16 / keep_blocks")
+      quant_lib.check_load_request(dit_path, quantize=quantize, lora=lora, dtype=dtype)
+    else:
+      quant_lib.check_mode(quantize)
+      cfg = HeliosTransformerConfig.from_json(dit_path)
+      quant_lib.parse_blocks(keep_blocks, cfg.num_layers)
+  if low_memory:
+    from helios_jax import offload  # pylint: disable=g-import-not-at-top
+    offload.check_supported()
+  return prequantized
 
 
 class Pipeline:
@@ -547,28 +589,18 @@ class Pipeline:
     from helios_jax.models.transformer import load_transformer  # pylint: disable=g-import-not-at-top
     from helios_jax.models.vae import load_vae  # pylint: disable=g-import-not-at-top
     from helios_jax.text import load_tokenizer  # pylint: disable=g-import-not-at-top
-    from helios_jax.checkpoint import QUANTIZATION_FILE  # pylint: disable=g-import-not-at-top
     path = os.fspath(path)
     dit_path = os.path.join(path, "transformer")
-    prequantized = os.path.isfile(os.path.join(dit_path, QUANTIZATION_FILE))
-    if quantize is None and not prequantized and (keep_bf16 is not None or keep_blocks):
-      raise ValueError("keep_bf16 / keep_blocks need quantize='fp8' or 'int8w'")
+    prequantized = check_model_options(path, quantize=quantize, keep_bf16=keep_bf16,
+                                       keep_blocks=keep_blocks, low_memory=low_memory,
+                                       lora=lora, dtype=dtype)
     if quantize is not None or prequantized:
       from helios_jax import quantize as quant_lib  # pylint: disable=g-import-not-at-top
-      if prequantized:
-        if keep_bf16 is not None or keep_blocks:
-          raise ValueError(f"{dit_path} is pre-quantized: its kept layers and blocks are "
-                           "recorded in quantization.json; drop keep_bf16 / keep_blocks")
-        quant_lib.check_load_request(dit_path, quantize=quantize, lora=lora, dtype=dtype)
-      else:
-        quant_lib.check_mode(quantize)
     placement = None
     if low_memory:
       from helios_jax import offload  # pylint: disable=g-import-not-at-top
-      placement = offload.load_placement()  # checks the device has host memory
-    scheduler, flags, dit_cfg = read_pipeline_settings(path)
-    if quantize is not None and not prequantized:  # bad kept blocks fail before any load
-      quant_lib.parse_blocks(keep_blocks, dit_cfg.num_layers)
+      placement = offload.load_placement()
+    scheduler, flags, _ = read_pipeline_settings(path)
     if prequantized:
       transformer = quant_lib.load_quantized_transformer(dit_path, kernels=kernels,
                                                          placement=placement)

@@ -110,7 +110,9 @@ def _quiet_parser(parse):
 
 def define_model_flags() -> None:
   """The model flags every generation CLI shares (generate, serve): --model_dir, --tiny_model,
-  --dtype, --text_encoder_on_cpu, --compile_cache."""
+  --dtype, --text_encoder_on_cpu, --release_text_encoder, --quantize, --keep_blocks,
+  --low_memory, --compile_cache (checked by `pipeline.check_model_options`, passed on by
+  `model_load_kwargs`)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from helios_jax import variants  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("model_dir", None, "pipeline folder (diffusers layout or our Orbax "
@@ -120,7 +122,28 @@ def define_model_flags() -> None:
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                     "transformer/text encoder dtype")
   flags.DEFINE_bool("text_encoder_on_cpu", False, "run umT5 on the host CPU (saves GPU memory)")
+  flags.DEFINE_bool("release_text_encoder", None, "free umT5 after encoding the prompts "
+                    "(default: only with --low_memory)")
+  flags.DEFINE_enum("quantize", None, ["fp8", "int8w"], "Qwix PTQ of the DiT after loading: "
+                    "fp8 (e4m3 weights + activations) or int8w (int8 weights); bf16 if unset "
+                    "(a `convert --quantize` pipeline loads pre-quantized without it)")
+  flags.DEFINE_string("keep_blocks", "", "with --quantize: DiT blocks left unquantized, "
+                      "comma-separated first:N, last:N, I or I-J (e.g. first:3,last:3)")
+  flags.DEFINE_bool("low_memory", False, "keep the DiT block weights in host RAM and stream "
+                    "them to the device one block at a time (device memory ~ 2 blocks + "
+                    "activations; host RAM ~ the block weights; slower: every model call reads "
+                    "all blocks over PCIe)")
   flags.DEFINE_bool("compile_cache", True, "persist compiled programs in the helios-jax cache")
+
+
+def model_load_kwargs() -> dict:
+  """`Pipeline.from_pretrained` keyword arguments from the `define_model_flags` flags."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  return dict(text_encoder_device=jax.devices("cpu")[0] if f.text_encoder_on_cpu else None,
+              release_text_encoder=f.release_text_encoder, quantize=f.quantize,
+              keep_blocks=f.keep_blocks, low_memory=f.low_memory)
 
 
 def run_cli(main, flags_parser=None) -> None:

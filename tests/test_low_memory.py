@@ -214,7 +214,7 @@ def test_generate_cli_low_memory_and_bad_keep_blocks(tmp_path):
           "--width", "64", "--out", str(out)]
   bad = subprocess.run(base + ["--keep_blocks", "first:1"], capture_output=True, text=True,
                        timeout=SUBPROCESS_TIMEOUT_S)
-  assert bad.returncode == 2 and "--keep_blocks=first:1 needs --quantize" in bad.stderr
+  assert bad.returncode == 2 and "keep_blocks='first:1' need quantize" in bad.stderr
   bad = subprocess.run(base + ["--quantize", "int8w", "--keep_blocks", "first:9"],
                        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
   assert bad.returncode == 2 and "first:9" in bad.stderr and not out.exists()
@@ -222,3 +222,16 @@ def test_generate_cli_low_memory_and_bad_keep_blocks(tmp_path):
                       capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert out.stat().st_size > 0
+
+
+def test_serve_cli_checks_model_options_before_loading(tmp_path):
+  """The server shares generate's model flags (runtime.define_model_flags) and their checks."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import SUBPROCESS_TIMEOUT_S  # pylint: disable=g-import-not-at-top
+  res = subprocess.run([sys.executable, "-m", "helios_jax.serve", "--out_dir",
+                        str(tmp_path / "s"), "--quantize", "int8w", "--keep_blocks", "7-9",
+                        "--low_memory"], capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT_S)
+  assert res.returncode == 2 and "'7-9'" in res.stderr, res.stderr[-2000:]
+  assert "serving" not in res.stdout

@@ -3,6 +3,7 @@
   python -m helios_jax.serve                          # the embedded tiny preset, on CPU
   python -m helios_jax.serve --model_dir Helios-Distilled --host 0.0.0.0 --port 8000
   python -m helios_jax.serve --out_dir outputs/serve --max_queue 8 --max_session_seconds 300
+  python -m helios_jax.serve --model_dir DIR --quantize fp8 --low_memory     # smaller GPUs
 
 Open http://HOST:PORT/ for the page (prompt, start / stop, live prompt changes, download). The
 protocol of `/v1/realtime/video` is in helios_jax/serve/sessions.py, the job API in app.py.
@@ -48,19 +49,20 @@ def main(argv):
   try:
     model_dir = presets.tiny_pipeline_dir(FLAGS.tiny_model) if tiny else FLAGS.model_dir
     pipeline_lib.read_pipeline_settings(model_dir)
+    pipeline_lib.check_model_options(
+        model_dir, quantize=FLAGS.quantize, keep_blocks=FLAGS.keep_blocks,
+        low_memory=FLAGS.low_memory, dtype="float32" if FLAGS.dtype == "float32" else None)
     runtime.check_writable(FLAGS.out_dir, folder=True)
     for name in ("max_queue", "max_frames", "max_session_chunks", "max_upload_mb"):
       if getattr(FLAGS, name) < 1:
         raise ValueError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
-  except (ValueError, OSError, CheckpointError, ConfigError) as e:
+  except (ValueError, RuntimeError, OSError, CheckpointError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if FLAGS.compile_cache:
     runtime.enable_compilation_cache()
   dtype = jnp.float32 if (tiny or FLAGS.dtype == "float32") else jnp.bfloat16
-  pipe = pipeline_lib.Pipeline.from_pretrained(
-      model_dir, dtype,
-      text_encoder_device=jax.devices("cpu")[0] if FLAGS.text_encoder_on_cpu else None)
+  pipe = pipeline_lib.Pipeline.from_pretrained(model_dir, dtype, **runtime.model_load_kwargs())
   config = app_lib.ServerConfig(
       out_dir=FLAGS.out_dir, max_queue=FLAGS.max_queue,
       default_size=variants.get_size("tiny" if tiny else "helios-14b").resolution,
