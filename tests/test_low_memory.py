@@ -235,3 +235,20 @@ def test_serve_cli_checks_model_options_before_loading(tmp_path):
                        timeout=SUBPROCESS_TIMEOUT_S)
   assert res.returncode == 2 and "'7-9'" in res.stderr, res.stderr[-2000:]
   assert "serving" not in res.stdout
+
+
+def test_generate_fn_base_variant_low_memory(tmp_path):
+  """The single jitted whole-video function (Base: UniPC + CFG, chunks in one lax.scan) with the
+  streamed DiT == the device-resident one."""
+  from helios_jax import pipeline as pl  # pylint: disable=g-import-not-at-top
+  folder = presets.write_tiny_pipeline(tmp_path / "base", "base")
+  emb = np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
+  outs = []
+  for low in (False, True):
+    pipe = pl.Pipeline.from_pretrained(folder, jnp.float32, load_text_encoder=False,
+                                       low_memory=low)
+    fn, inputs = pipe.generate_fn(66, 64, 64, prompt_embeds=emb,
+                                  negative_prompt_embeds=0.5 * emb, steps=3)
+    outs.append(fn(pipe.params, inputs, jax.random.key(1))["latents"])
+  assert outs[0].shape[1] == 18  # 2 chunks
+  assert rel_err(outs[1], outs[0]) <= 16 * F32_ULP
