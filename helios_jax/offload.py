@@ -1,17 +1,17 @@
 """Low-memory inference: the DiT's block weights in host memory, streamed one block at a time.
 
-The 14B DiT's 40 stacked blocks hold 99 % of its weights (28.1 of 28.7 GB in bf16). In
+The 14B DiT's 40 stacked blocks hold 98 % of its weights (28.1 of 28.7 GB in bf16). In
 low-memory mode they stay in the host's pinned memory (JAX memory kind "pinned_host") and the
 block scan copies one layer at a time to the device, double-buffered so the next layer's copy can
 overlap the current block (`HeliosTransformer3DModel._run_blocks` with `blocks_on_host`). What
 stays on the device: the embeddings, the head, two layers of block weights, the activations.
-Host RAM needed: the block weights' bytes (`block_bytes`: 28.1 GB bf16, 14.3 GB fp8 / int8w)
+Host RAM needed: the block weights' bytes (`block_bytes`: 28.1 GB bf16, 14.1 GB fp8 / int8w)
 plus what the process already holds; the text encoder is released after each prompt
 (`Pipeline(release_text_encoder=True)`) unless it is placed on the CPU.
 
 Every chunk streams the whole stack once per model call (each solver step, CFG included), so
 the mode trades PCIe bandwidth for memory: about `block_bytes / bandwidth` per DiT call (28 GB
-over PCIe 5 x16 ~ 0.5 s), which dominates the step time of small resolutions.
+over PCIe 5 x16 ~ 0.5 s, an estimate: not yet measured on a GPU).
 
 Used through `Pipeline.from_pretrained(..., low_memory=True)` / `generate --low_memory`.
 Not combined with `Pipeline.shard(mesh)`: a mesh already splits the weights over its devices.
