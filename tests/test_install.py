@@ -123,6 +123,11 @@ def test_wheel_installs_and_runs_the_demo_outside_the_repo(wheel, tmp_path):
   for line in res.stdout.strip().splitlines():
     assert os.path.realpath(line).startswith(os.path.realpath(str(venv)) + os.sep), line
     assert not os.path.realpath(line).startswith(ROOT + os.sep), line
+  # The HeliosBench prompt set ships in the wheel (the CLI's default --prompts).
+  res = _run([py, "-c", "from helios_jax.heliosbench import naming; import os; "
+              "print(os.path.islink(naming.DEFAULT_PROMPTS_CSV), "
+              "len(naming.load_prompts()))"], cwd=str(work))
+  assert res.stdout.split() == ["False", "240"], res.stdout
   out = work / "demo.mp4"
   res = _run([py, "-m", "helios_jax.generate", f"--out={out}", "--num_frames=33", "--height=64",
               "--width=64"], cwd=str(work), timeout=170)

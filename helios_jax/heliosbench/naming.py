@@ -13,10 +13,10 @@ VIDEO_GLOB = "*_*_ori*.mp4"
 _STRICT = re.compile(r"^(\d+)_(\d+)_ori(\d+)\.mp4$")
 _LEADING_ID = re.compile(r"^(\d+)_")
 
-# Repository copy of the upstream prompt set (`eval/playground/helios_t2v_prompts.csv`).
-DEFAULT_PROMPTS_CSV = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "data", "helios_bench", "helios_t2v_prompts.csv")
+# The upstream prompt set (`eval/playground/helios_t2v_prompts.csv`): in a checkout, a symlink to
+# data/helios_bench/helios_t2v_prompts.csv; in an installed wheel, the file itself.
+DEFAULT_PROMPTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "helios_t2v_prompts.csv")
 
 
 class NamingError(ValueError):
