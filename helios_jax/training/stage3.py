@@ -192,31 +192,29 @@ def make_dmd_step(graphdef: nnx.GraphDef, gen_spec: lora.TrainableSpec,
     critic_ng = jax.lax.stop_gradient(critic_tr)
     real_fn = make(base["score"], EMPTY_TRAINABLES, critic_spec)
     fake_fn = make(base["score"], critic_ng, critic_spec)
-    gan_g_fn = None
-    if gc.enabled:
-      def gan_g_fn(x_g, t, text, hist, k):
-        xc = crop(k, x_g)
-        loss_of_x = lambda xx: gan.g_loss(
-            disc_logits(base["score"], critic_ng, xx, t, text, hist), gc.g_weight)
-        return gan.cached_grad_surrogate(loss_of_x, xc)[1]
+    def gan_g_fn(x_g, t, text, hist, k):
+      xc = crop(k, x_g)
+      loss_of_x = lambda xx: gan.g_loss(
+          disc_logits(base["score"], critic_ng, xx, t, text, hist), gc.g_weight)
+      return gan.cached_grad_surrogate(loss_of_x, xc)[1]
     return distill.generator_dmd_loss(gen_fn, gen_ng, real_fn, fake_fn, batch,
-                                      batch["neg_text"], key, step, cfg, gan_g_fn)
+                                      batch["neg_text"], key, step, cfg,
+                                      gan_g_fn if gc.enabled else None)
 
   def critic_loss_fn(critic_tr, gen_tr, base, batch2, batch1, key, step):
     gen_ng = make(base["student"], jax.lax.stop_gradient(gen_tr), gen_spec)
     fake_fn = make(base["score"], critic_tr, critic_spec)
-    gan_d_fn = None
-    if gc.enabled:
-      def gan_d_fn(x_fake, x_real, t, text, hist, k):
-        k1, k2, k3, k4 = jax.random.split(k, 4)
-        pert = x_real + gc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
-        xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
-        rep = lambda a: jnp.concatenate([a] * 3, axis=0)
-        logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
-                             losses.repeat_hist(hist, 3))
-        lf, lr, lp = jnp.split(logits, 3, axis=0)
-        return gan.d_loss(lf, lr, gc.d_weight), gan.approx_r1(lr, lp, gc.r1_weight)
-    return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, cfg, gan_d_fn)
+    def gan_d_fn(x_fake, x_real, t, text, hist, k):
+      k1, k2, k3, k4 = jax.random.split(k, 4)
+      pert = x_real + gc.r1_sigma * jax.random.normal(k4, x_real.shape, F32)
+      xs = jnp.concatenate([crop(k1, x_fake), crop(k2, x_real), crop(k3, pert)], axis=0)
+      rep = lambda a: jnp.concatenate([a] * 3, axis=0)
+      logits = disc_logits(base["score"], critic_tr, xs, rep(t), rep(text),
+                           losses.repeat_hist(hist, 3))
+      lf, lr, lp = jnp.split(logits, 3, axis=0)
+      return gan.d_loss(lf, lr, gc.d_weight), gan.approx_r1(lr, lp, gc.r1_weight)
+    return distill.critic_loss(gen_ng, fake_fn, batch2, batch1, key, step, cfg,
+                               gan_d_fn if gc.enabled else None)
 
   def step_fn(state, base, batch1, batch2):
     step = state["step"]
