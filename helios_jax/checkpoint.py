@@ -477,19 +477,24 @@ def load_model(spec: ModelSpec, path: str | os.PathLike, dtype: Any = None, *,
   return config, nnx.merge(graphdef, abstract_state)
 
 
-def _leaf_groups(plan: ConversionPlan, paths: Iterable[FlaxPath],
-                 max_bytes: int = 256 << 20, *, keep_dtype: bool = False
-                 ) -> Iterator[dict[str, Any]]:
-  """Converted leaves batched into groups of <= max_bytes (or one leaf if larger).
+# Bytes of leaves per Orbax partial save (`batch_leaves`).
+GROUP_BYTES = 256 << 20
 
-  Each group is one Orbax partial save, whose cost grows with the tree size, so small leaves
-  are batched; peak RAM stays below max_bytes plus the largest leaf. `keep_dtype`: each leaf
-  in its source tensors' stored dtype instead of the plan's target dtype.
+
+def batch_leaves(leaves: Iterable[tuple[FlaxPath, np.ndarray]], max_bytes: int | None = None
+                 ) -> Iterator[dict[str, Any]]:
+  """(path, array) pairs batched into nested-dict groups of <= max_bytes (or one leaf if larger;
+  default `GROUP_BYTES`).
+
+  Each group is one Orbax partial save (`save_params_streaming`), whose cost grows with the tree
+  size, so small leaves are batched; peak RAM stays below max_bytes plus the largest leaf. The
+  pairs are consumed lazily: an error raised by their producer stops the save before the next
+  group (and before `finalize`).
   """
+  max_bytes = GROUP_BYTES if max_bytes is None else max_bytes
   group: dict[FlaxPath, np.ndarray] = {}
   size = 0
-  for p in paths:
-    leaf = plan.load_leaf(p, plan.source_dtype(p) if keep_dtype else None)
+  for p, leaf in leaves:
     if group and size + leaf.nbytes > max_bytes:
       yield _unflatten(group)
       group, size = {}, 0
@@ -497,6 +502,14 @@ def _leaf_groups(plan: ConversionPlan, paths: Iterable[FlaxPath],
     size += leaf.nbytes
   if group:
     yield _unflatten(group)
+
+
+def _leaf_groups(plan: ConversionPlan, paths: Iterable[FlaxPath], *, keep_dtype: bool = False
+                 ) -> Iterator[dict[str, Any]]:
+  """Converted leaves in `batch_leaves` groups. `keep_dtype`: each leaf in its source tensors'
+  stored dtype instead of the plan's target dtype."""
+  return batch_leaves((p, plan.load_leaf(p, plan.source_dtype(p) if keep_dtype else None))
+                      for p in paths)
 
 
 def export_model(spec: ModelSpec, src: str | os.PathLike, dst: str | os.PathLike,

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from typing import Any, Sequence
 
@@ -94,13 +93,7 @@ def _check_quantize(quantize: str | None, dtype: str, keep_bf16: Sequence[str] |
     raise ValueError(f"--dtype={dtype} cannot be used with --quantize={quantize}: the quantized "
                      "transformer keeps its non-quantized layers in bfloat16; use --dtype "
                      f"{', '.join(QUANTIZE_DTYPES)}")
-  keep = tuple(quant_lib.DEFAULT_KEEP if keep_bf16 is None else keep_bf16)
-  for p in keep:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"--keep_bf16 pattern {p!r} is not a regex ({e})") from None
-  return keep
+  return quant_lib.check_patterns(quant_lib.DEFAULT_KEEP if keep_bf16 is None else keep_bf16)
 
 
 def convert(src: str, dst: str, dtype: str = "keep", *, overwrite: bool = False,

@@ -94,7 +94,7 @@ def offload_blocks(transformer: transformer_lib.HeliosTransformer
   def move(a):
     if isinstance(a, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host)
-    if getattr(a.sharding, "memory_kind", None) == HOST_MEMORY_KIND:
+    if transformer_lib.in_host_memory(a):
       return a
     return jax.device_put(a, host)
 

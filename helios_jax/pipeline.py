@@ -662,7 +662,8 @@ class Pipeline:
   @property
   def low_memory(self) -> bool:
     """Whether the DiT's block weights live in host memory (`from_pretrained(low_memory=True)`)."""
-    return bool(getattr(self.transformer.module(), "blocks_on_host", False))
+    from helios_jax import offload  # pylint: disable=g-import-not-at-top
+    return offload.is_offloaded(self.transformer)
 
   @property
   def is_pyramid(self) -> bool:

@@ -83,13 +83,11 @@ MODES = {
 #   proj_out: the output head.
 # Never quantized (not `Linear`s, no pattern needed): the patch embeddings (`patch_embedding`,
 # `memory/*`, 3D convs), norms, scale-shift tables, RoPE, the attention core.
-# Not expressible: first/last N blocks (the scanned stack shares one rule; see module doc).
+# Whole blocks (e.g. the first/last N) are kept with `keep_blocks`, not with patterns.
 DEFAULT_KEEP: tuple[str, ...] = (
     r"condition_embedder/.*",
     r"proj_out",
 )
-
-HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
 
 CALL_METHOD = "forward_channels_last"  # what the sampler calls; __call__ goes through it.
 
@@ -143,10 +141,9 @@ def _quantize_value(value, how: qwix_qarray.HowToQuantize, stacked: bool):
     fn = jax.vmap(fn)
   if isinstance(value, jax.ShapeDtypeStruct):
     return jax.eval_shape(fn, value)
-  sharding = getattr(value, "sharding", None)
-  if getattr(sharding, "memory_kind", None) in HOST_MEMORY_KINDS:
+  if transformer_lib.in_host_memory(value):
     return jax.jit(lambda v: fn(jax.device_put(v, jax.memory.Space.Device)),
-                   out_shardings=sharding)(value)
+                   out_shardings=value.sharding)(value)
   return jax.jit(fn)(value)
 
 
@@ -158,6 +155,17 @@ def linear_paths(model: nnx.Module) -> list[tuple[str, layers.Linear]]:
 
 def _matches(path: str, patterns: Iterable[str]) -> bool:
   return any(re.fullmatch(p, path) for p in patterns)
+
+
+def check_patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+  """`keep_bf16` patterns as a tuple; ValueError naming one that is not a regex."""
+  patterns = tuple(patterns)
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"keep_bf16 pattern {p!r} is not a regex ({e})") from None
+  return patterns
 
 
 def layer_type_path(path: str) -> str:
@@ -233,14 +241,12 @@ def quantize_transformer(transformer: transformer_lib.HeliosTransformer, mode: s
     attributes `quantize_mode`, `quantized_paths` (actual paths), `keep_blocks`.
 
   Raises:
-    ValueError: unknown mode, a keep pattern that matches no `Linear`, a bad block index, every
-      block kept, an already quantized or already segmented model.
+    ValueError: unknown mode, a keep pattern that is not a regex or matches no `Linear`, a bad
+      block index, every block kept, an already quantized or already segmented model.
     RuntimeError: fp8 on a platform that cannot run fp8 dots.
   """
   check_mode(mode)
-  keep = tuple(keep_bf16)
-  for p in keep:
-    re.compile(p)
+  keep = check_patterns(keep_bf16)
   model = transformer.module()
   if hasattr(type(model), "_unquantized_type"):
     raise ValueError("the transformer is already quantized")
@@ -313,7 +319,6 @@ REQUIRES = {"jax": "0.10.2", "qwix": "0.1.8"}
 WRITTEN_WITH = ("jax", "jaxlib", "qwix", "orbax-checkpoint")
 # The precision policy of an export's non-quantized layers (fp32-kept modules stay fp32).
 EXPORT_DTYPE = jnp.bfloat16
-_GROUP_BYTES = 256 << 20  # leaves batched per Orbax partial save (as checkpoint._leaf_groups)
 
 
 def installed_version(package: str) -> str:
@@ -380,15 +385,13 @@ def _quantized_leaves(plan: checkpoint.ConversionPlan, paths: Iterable[checkpoin
           yield stored + ("array", field.name), np.asarray(x)
 
 
-def _checked_groups(leaves: Iterable[tuple[checkpoint.FlaxPath, np.ndarray]],
-                    want: Mapping[checkpoint.FlaxPath, Any], max_bytes: int | None = None
-                    ) -> Iterator[dict[str, Any]]:
-  """Leaves batched into Orbax partial-save groups of <= max_bytes (default `_GROUP_BYTES`; a
-  larger leaf alone), each checked against the abstract quantized tree `want` (path, shape,
-  dtype; all of it by the end, before the checkpoint is finalized)."""
-  max_bytes = _GROUP_BYTES if max_bytes is None else max_bytes
-  group: dict[checkpoint.FlaxPath, np.ndarray] = {}
-  size, seen = 0, set()
+def _checked_leaves(leaves: Iterable[tuple[checkpoint.FlaxPath, np.ndarray]],
+                    want: Mapping[checkpoint.FlaxPath, Any]
+                    ) -> Iterator[tuple[checkpoint.FlaxPath, np.ndarray]]:
+  """The (path, array) pairs, each checked against the abstract quantized tree `want` (path,
+  shape, dtype; all of it by the end, so a missing leaf stops the save before it is
+  finalized)."""
+  seen = set()
   for path, x in leaves:
     name = "/".join(path)
     if path not in want:
@@ -400,16 +403,10 @@ def _checked_groups(leaves: Iterable[tuple[checkpoint.FlaxPath, np.ndarray]],
                                        f"{x.dtype}; the quantized model has {tuple(w.shape)} "
                                        f"{np.dtype(w.dtype)}")
     seen.add(path)
-    if group and size + x.nbytes > max_bytes:
-      yield checkpoint.unflatten_tree(group)
-      group, size = {}, 0
-    group[path] = x
-    size += x.nbytes
+    yield path, x
   missing = sorted("/".join(p) for p in want if p not in seen)
   if missing:
     raise checkpoint.CheckpointError(f"quantized export is missing {missing[:10]}")
-  if group:
-    yield checkpoint.unflatten_tree(group)
 
 
 def export_quantized(src: str | os.PathLike, dst: str | os.PathLike, mode: str,
@@ -483,7 +480,7 @@ def export_quantized(src: str | os.PathLike, dst: str | os.PathLike, mode: str,
     with open(os.path.join(tmp, spec.config_cls.CONFIG_NAME), "w") as f:
       json.dump(raw_config, f, indent=2, sort_keys=True)
     checkpoint.save_params_streaming(os.path.join(tmp, checkpoint.PARAMS_DIR),
-                                     _checked_groups(leaves, want))
+                                     checkpoint.batch_leaves(_checked_leaves(leaves, want)))
     with open(os.path.join(tmp, checkpoint.QUANTIZATION_FILE), "w") as f:
       json.dump(info, f, indent=2)
   return info
@@ -642,9 +639,7 @@ def load_quantized_transformer(path: str | os.PathLike, *, kernels: KernelConfig
     raise checkpoint.CheckpointError(f"quantized transformer folder not found: {path}")
   file = os.path.join(path, checkpoint.QUANTIZATION_FILE)
   info = check_load_request(path)
-  kernels = kernels or KernelConfig()
-  if attention_impl:
-    kernels = dataclasses.replace(kernels, attention=attention_impl)
+  kernels = transformer_lib.resolve_kernels(kernels, attention_impl)
   config = transformer_lib.TRANSFORMER_SPEC.read_config(path)
   try:
     qt = _abstract_quantized(config, info["mode"], info["keep_bf16"], kernels,

@@ -332,7 +332,7 @@ def test_failed_export_leaves_nothing(st_pipeline, tmp_path, monkeypatch):
     return real(value, how, stacked)
 
   monkeypatch.setattr(quant, "_quantize_value", failing)
-  monkeypatch.setattr(quant, "_GROUP_BYTES", 1)  # one Orbax partial save per leaf
+  monkeypatch.setattr(checkpoint, "GROUP_BYTES", 1)  # one Orbax partial save per leaf
   saves = []
   real_save = checkpoint.save_params_streaming
 

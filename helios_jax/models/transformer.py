@@ -227,14 +227,22 @@ def _scan_streamed(step: Callable[..., Any], x: jax.Array, state: Any, extra: An
   return x
 
 
+# JAX memory kinds of host RAM (low-memory mode keeps block weights there, helios_jax/offload.py).
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host")
+
+
+def in_host_memory(a: Any) -> bool:
+  """Whether an array (or a ShapeDtypeStruct with a sharding) lives in host memory."""
+  return getattr(getattr(a, "sharding", None), "memory_kind", None) in HOST_MEMORY_KINDS
+
+
 def _slice_layers(a: Any, lo: int, hi: int) -> Any:
   """`a[lo:hi]` of a stacked leaf, in the leaf's own memory (host-resident leaves are sliced on
   the host, never brought to the device whole)."""
   if isinstance(a, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct((hi - lo, *a.shape[1:]), a.dtype, sharding=a.sharding)
-  sharding = getattr(a, "sharding", None)
-  if getattr(sharding, "memory_kind", "device") not in (None, "device"):
-    return jax.device_put(np.asarray(a)[lo:hi], sharding)
+  if in_host_memory(a):
+    return jax.device_put(np.asarray(a)[lo:hi], a.sharding)
   return a[lo:hi]
 
 
@@ -652,7 +660,7 @@ def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
     placement: optional `flax path -> Sharding` per parameter (`checkpoint.load_model`; e.g.
       `offload.load_placement()` for low-memory mode, then `offload.offload_blocks`).
   """
-  spec = TransformerSpec(_kernels(kernels, attention_impl), remat=remat)
+  spec = TransformerSpec(resolve_kernels(kernels, attention_impl), remat=remat)
   config, model = checkpoint.load_model(spec, path, dtype, placement=placement)
   if lora:
     from helios_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
@@ -660,7 +668,8 @@ def load_transformer(path, dtype=None, *, kernels: KernelConfig | None = None,
   return HeliosTransformer(config, model)
 
 
-def _kernels(kernels: KernelConfig | None, attention_impl: str | None) -> KernelConfig:
+def resolve_kernels(kernels: KernelConfig | None, attention_impl: str | None) -> KernelConfig:
+  """The loaders' `kernels=` / `attention_impl=` pair as one `KernelConfig`."""
   kernels = kernels or KernelConfig()
   return dataclasses.replace(kernels, attention=attention_impl) if attention_impl else kernels
 
@@ -669,7 +678,7 @@ def init_transformer(config: HeliosTransformerConfig, dtype=F32, seed: int = 0, 
                      kernels: KernelConfig | None = None, attention_impl: str | None = None,
                      remat: str = "none") -> HeliosTransformer:
   """A randomly initialised model (tiny demos, benchmarks with the 14B shapes)."""
-  model = TransformerSpec(_kernels(kernels, attention_impl), remat).init(
+  model = TransformerSpec(resolve_kernels(kernels, attention_impl), remat).init(
       config, jnp.dtype(dtype), seed)
   return HeliosTransformer(config, model)
 
